@@ -1,0 +1,384 @@
+"""
+The ∞-former in one file: a Transformer with an unbounded long-term memory.
+
+Martins, Marinho & Martins, "∞-former: Infinite Memory Transformer", ACL 2022
+(arXiv 2109.00301). Read top to bottom, in the order of the paper:
+
+  1. the RBF basis            ψ_j(t) = N(t; c_j, w_j²)
+  2. closed-form ridge        Bᵀ = Xᵀ Fᵀ (F Fᵀ + λI)⁻¹
+  3. continuous attention     a Gaussian N(μ, σ²) over t ∈ [0, 1], read as Bᵀ E[ψ(t)]
+  4. the unbounded memory     sample the old signal, squeeze it into [0, τ], refit
+  5. sticky memories          sample the old signal where attention went
+  6. the model                Transformer-XL short-term memory + the long-term memory,
+                              with Transformer-XL and Compressive Transformer as baselines
+
+Choices where the authors' code departs from the paper, or says nothing:
+  - The fit is not padded with zeros beyond [0, 1]; G is the plain closed form.
+  - No sigmoid/Conv1d gate on the LTM input: the paper has none.
+  - The LTM reuses the short-term attention's query projection (as the authors do), but
+    has its own key, value and output projections.
+  - The LTM stores the layer inputs that fall out of the short-term memory (as the authors'
+    sorting model does), so the two memories never hold the same positions. They are stored
+    raw, not layer-normalised: normalised vectors are large from the first step, and on the
+    sorting task their average held training on its plateau for the whole run.
+  - Sticky sampling draws a real uniform offset inside each histogram bin.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# 1. The RBF basis: a signal x(t), t ∈ [0, 1], is approximated as x(t) ≈ Bᵀψ(t) with
+#    N Gaussian densities ψ_j(t) = N(t; c_j, w_j²) as basis functions.
+
+
+def basis_functions(num_basis, widths=(0.01, 0.05), dtype=torch.float32):
+    """Centres evenly spaced on [0, 1], each paired with every width: (centers, widths), each (N,)."""
+    n_centers = num_basis // len(widths)
+    grid = torch.linspace(0, 1, n_centers, dtype=dtype), torch.tensor(widths, dtype=dtype)
+    centers, widths = torch.meshgrid(*grid, indexing="ij")
+    return centers.flatten(), widths.flatten()
+
+
+def basis_at(t, centers, widths):
+    """ψ(t): every basis density at every position, shape t.shape + (N,)."""
+    t = t.unsqueeze(-1)
+    return torch.exp(-0.5 * ((t - centers) / widths) ** 2) / (widths * math.sqrt(2 * math.pi))
+
+
+def midpoints(n, start=0.0, end=1.0):
+    """n positions at the midpoints of n equal cells of [start, end]: where a chunk's vectors sit."""
+    return start + (end - start) * (torch.arange(n, dtype=torch.float64) + 0.5) / n
+
+
+# -----------------------------------------------------------------------------
+# 2. Closed-form ridge regression. With F = [ψ(t_1), ..., ψ(t_L)] ∈ R^{N×L}, the
+#    coefficients minimising ‖Bᵀ F − Xᵀ‖² + λ‖B‖² are Bᵀ = Xᵀ Fᵀ (F Fᵀ + λI)⁻¹, so
+#    B = Gᵀ X with G = Fᵀ (F Fᵀ + λI)⁻¹: G depends only on positions, basis and λ.
+
+
+def ridge_matrix(t, centers, widths, ridge):
+    """G = Fᵀ (F Fᵀ + λI)⁻¹, shape (len(t), N); the coefficients of X (len(t), d) are G.T @ X."""
+    Ft = basis_at(t, centers, widths)  # (L, N) = Fᵀ
+    A = Ft.T @ Ft + ridge * torch.eye(Ft.size(1), dtype=Ft.dtype, device=Ft.device)  # F Fᵀ + λI
+    return torch.linalg.solve(A, Ft.T).T  # A is symmetric, so Fᵀ A⁻¹ = (A⁻¹ F)ᵀ
+
+
+# -----------------------------------------------------------------------------
+# 3. Continuous attention. Each query gives a Gaussian density p = N(μ, σ²) over [0, 1]
+#    and reads E_p[x(t)] = Bᵀ E_p[ψ(t)]. The product of two Gaussians integrates in closed
+#    form over the real line: E_p[ψ_j] = N(μ; c_j, σ² + w_j²) (truncation to [0, 1] is
+#    ignored, as by the authors).
+
+
+def gaussian_expectation(mu, var, centers, widths):
+    """E_{N(μ,σ²)}[ψ(t)] = N(μ; c_j, σ² + w_j²), shape mu.shape + (N,)."""
+    precision = 1 / (var.unsqueeze(-1) + widths**2)  # 1 / (σ² + w_j²): one division, then products
+    return torch.exp(-0.5 * (mu.unsqueeze(-1) - centers) ** 2 * precision) * torch.sqrt(precision / (2 * math.pi))
+
+
+VAR_MIN = 1e-4  # σ² floor: softplus can reach 0, and a zero-width Gaussian has an infinite KL and density
+
+
+class ContinuousAttention(nn.Module):
+    """Multi-head attention of the current queries over the long-term memory's signal."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.d_head = cfg.n_heads, cfg.d_model // cfg.n_heads
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)  # K = B W_K, V = B W_V
+        self.w_mu_var = nn.Linear(cfg.num_basis, 2)  # rows w_μ and w_σ, shared by the heads (as the authors do)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        centers, widths = basis_functions(cfg.num_basis, cfg.basis_widths)
+        self.register_buffer("centers", centers, persistent=False)
+        self.register_buffer("widths", widths, persistent=False)
+
+    def forward(self, q, coeffs):
+        """q (B, H, T, dh) queries; coeffs (B, N, d) the memory's B. Returns Z_LTM (B, T, d), μ, σ²."""
+        B, H, T, dh = q.shape
+        k, v = self.kv(coeffs).view(B, -1, 2, H, dh).permute(2, 0, 3, 1, 4)  # each (B, H, N, dh)
+        dtype = self.centers.dtype  # float32 (or float64) even under bf16 autocast
+        with torch.autocast(q.device.type, enabled=False):
+            # The scores s = K q / √dh (one per basis function) enter only through w_μᵀ s and
+            # w_σᵀ s, which are linear: w_μᵀ K q = (Kᵀ w_μ)ᵀ q. Folding w_μ, w_σ into the keys
+            # first gives the same numbers without ever forming the (T × N) score matrix.
+            k_mu_var = self.w_mu_var.weight.to(dtype) @ k.to(dtype)  # (B, H, 2, dh)
+            logits = q.to(dtype) @ k_mu_var.transpose(-2, -1) / math.sqrt(dh) + self.w_mu_var.bias  # (B, H, T, 2)
+            mu = torch.sigmoid(logits[..., 0])  # μ = sigmoid(w_μᵀ s)   (B, H, T)
+            var = F.softplus(logits[..., 1]).clamp_min(VAR_MIN)  # σ² = softplus(w_σᵀ s)
+            r = gaussian_expectation(mu, var, self.centers, self.widths)  # E_p[ψ]  (B, H, T, N)
+            z = r @ v.to(dtype)  # Vᵀ E_p[ψ] per query  (B, H, T, dh)
+        return self.proj(z.transpose(1, 2).reshape(B, T, H * dh)), mu, var
+
+
+def gaussian_kl(var, sigma_0):
+    """KL(N(μ, σ²) ‖ N(μ, σ₀²)) = ½ (σ²/σ₀² − log(σ²/σ₀²) − 1): keeps the densities from collapsing."""
+    ratio = var / sigma_0**2
+    return 0.5 * (ratio - torch.log(ratio) - 1)
+
+
+# -----------------------------------------------------------------------------
+# 4. The unbounded memory. The first write fits the L new vectors across [0, 1]. Later
+#    writes sample the old signal at M positions, place those M values at τ·i/M ∈ (0, τ],
+#    place the L new vectors in (τ, 1] and fit all M + L points: the memory covers an ever
+#    longer past at the fixed cost of N×d numbers, the oldest part at the lowest resolution.
+
+
+class UnboundedMemory(nn.Module):
+    """Writes vectors into the long-term memory: B_new = Gᵀ [x_old(s_1..s_M); X_new].
+
+    Everything that depends only on the configuration is a buffer, computed once in float64.
+    Writes of exactly seg_len vectors (every write once the short-term memory is full) use
+    the buffers; a write of another length (a short first or last segment) solves its own.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.basis64 = basis_functions(cfg.num_basis, cfg.basis_widths, torch.float64)  # for the solves
+        self.register_buffer("centers", self.basis64[0].float(), persistent=False)
+        self.register_buffer("widths", self.basis64[1].float(), persistent=False)
+        self.register_buffer("G_first", self._first_matrix(cfg.seg_len), persistent=False)  # (L, N)
+        self.register_buffer("G_update", self._update_matrix(cfg.seg_len), persistent=False)  # (M+L, N)
+        s = torch.arange(1, cfg.num_samples + 1, dtype=torch.float64) / cfg.num_samples  # s_i = i/M
+        self.register_buffer("psi_uniform", basis_at(s, *self.basis64).float(), persistent=False)  # (M, N)
+
+    def _first_matrix(self, L):  # the L vectors spread over [0, 1]
+        return ridge_matrix(midpoints(L), *self.basis64, self.cfg.ridge).float()
+
+    def _update_matrix(self, L):  # M old samples at τ·i/M, then L new vectors in (τ, 1]
+        M, tau = self.cfg.num_samples, self.cfg.tau
+        t = torch.cat([tau * torch.arange(1, M + 1, dtype=torch.float64) / M, midpoints(L, tau, 1.0)])
+        return ridge_matrix(t, *self.basis64, self.cfg.ridge).float()
+
+    @torch.no_grad()  # the stored coefficients are detached: no gradient flows across segments
+    def forward(self, coeffs, x_new, mu=None, var=None):
+        """coeffs (B, N, d), or (B, 0, d) when empty; x_new (B, L, d); μ, σ² of the last read for sticky.
+
+        Returns the new coefficients (B, N, d).
+        """
+        L, M = x_new.size(1), self.cfg.num_samples
+        with torch.autocast(x_new.device.type, enabled=False):  # float32 (or better) even under autocast
+            x_new, coeffs = x_new.to(self.G_first.dtype), coeffs.to(self.G_first.dtype)
+            if coeffs.size(1) == 0:  # first write after a reset
+                G = self.G_first if L == self.cfg.seg_len else self._first_matrix(L).to(x_new)
+                return G.T @ x_new  # B = Gᵀ X
+            G = self.G_update if L == self.cfg.seg_len else self._update_matrix(L).to(x_new)
+            if mu is None:  # uniform: x_old(i/M)
+                x_old = self.psi_uniform @ coeffs  # (B, M, d)
+            else:  # sticky: x_old at positions drawn where attention went
+                s = sticky_positions(mu.to(x_new), var.to(x_new), self.cfg.sticky_bins, M)  # (B, M)
+                x_old = basis_at(s, self.centers, self.widths) @ coeffs  # (B, M, d)
+            return G[:M].T @ x_old + G[M:].T @ x_new  # Bᵀ = [X_old; X_new]ᵀ G
+
+
+# -----------------------------------------------------------------------------
+# 5. Sticky memories. Instead of s_i = i/M, sample the old signal where the last read's
+#    densities put their mass, so the regions that mattered keep their resolution. The
+#    values still go to the slots τ·i/M: the attended regions get more of the new timeline.
+
+
+def sticky_positions(mu, var, num_bins, num_samples):
+    """M sorted positions in [0, 1] per batch element, drawn from the histogram of N(μ, σ²).
+
+    mu, var (B, ...): every density of the last read. Bin b of [0, 1] gets the mass
+    Σ_heads,queries Φ((e_{b+1} − μ)/σ) − Φ((e_b − μ)/σ); a bin is drawn from the normalised
+    histogram, then a uniform offset inside it.
+    """
+    edges = torch.linspace(0, 1, num_bins + 1, device=mu.device, dtype=mu.dtype)
+    z = (edges - mu.flatten(1).unsqueeze(-1)) / torch.sqrt(2 * var.flatten(1).unsqueeze(-1))
+    cdf = 0.5 * (1 + torch.erf(z))  # Φ at every edge, for every density  (B, H*T, D+1)
+    mass = cdf.diff(dim=-1).sum(1)  # (B, D)
+    bins = torch.multinomial(mass, num_samples, replacement=True)  # (B, M)
+    positions = (bins + torch.rand(bins.shape, device=mu.device, dtype=mu.dtype)) / num_bins
+    return positions.sort(-1).values
+
+
+# -----------------------------------------------------------------------------
+# 6. The model: a pre-LayerNorm Transformer-XL whose layers also read the long-term memory.
+
+
+@dataclass
+class Config:
+    vocab_size: int = 256  # tokens the embedding (and the output layer) knows
+    d_model: int = 128  # width of the residual stream, and of every memory vector
+    n_layers: int = 2
+    n_heads: int = 4  # for the short-term and the long-term attention alike
+    d_ff: int = 512  # hidden width of the feed-forward network
+    dropout: float = 0.0
+    seg_len: int = 128  # tokens per segment, the length of a long-term memory write
+    mem_len: int = 128  # short-term memory: the last mem_len layer inputs (Transformer-XL)
+    memory: str = "infinite"  # "xl", "compressive", "infinite" or "sticky"
+    num_basis: int = 64  # N, basis functions of the long-term memory
+    basis_widths: tuple = (0.04, 0.2)  # w_j, each paired with every centre; scale with the centres' spacing
+    ridge: float = 1.0  # λ of the ridge regression
+    tau: float = 0.75  # τ: the old signal is squeezed into [0, τ] at each write
+    num_samples: int = 64  # M: samples of the old signal per write
+    sticky_bins: int = 128  # D: histogram bins for sticky memories
+    sigma_0: float = 0.05  # σ₀ of the KL regulariser
+    kl_weight: float = 1e-6  # weight of the KL regulariser
+    cmem_len: int = 64  # compressive: slots of compressed memory
+    compress_rate: int = 4  # compressive: evicted states mean-pooled per slot
+    lm_head: bool = True  # False: forward returns hidden states, for an output layer of your own
+
+    def __post_init__(self):
+        def check(ok, field, why):
+            if not ok:
+                raise ValueError(f"Config.{field} = {getattr(self, field)!r}: {why}")
+
+        self.basis_widths = tuple(self.basis_widths)
+        check(self.memory in ("xl", "compressive", "infinite", "sticky"), "memory",
+              "must be 'xl', 'compressive', 'infinite' or 'sticky'")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "seg_len", "num_samples",
+                     "sticky_bins", "cmem_len", "compress_rate"):
+            check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be a positive integer")
+        check(isinstance(self.mem_len, int) and self.mem_len >= 0, "mem_len", "must be an integer >= 0")
+        check(self.d_model % self.n_heads == 0, "d_model", f"must be divisible by n_heads = {self.n_heads}")
+        check(self.d_model // self.n_heads % 2 == 0, "n_heads", "must leave an even head size (RoPE rotates pairs)")
+        check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        check(0 < self.tau < 1, "tau", "must be in (0, 1)")
+        check(len(self.basis_widths) >= 1 and all(w > 0 for w in self.basis_widths), "basis_widths",
+              "must be one or more positive widths")
+        check(self.num_basis >= 2 and self.num_basis % len(self.basis_widths) == 0, "num_basis",
+              f"must be >= 2 and a multiple of len(basis_widths) = {len(self.basis_widths)}")
+        check(self.ridge > 0, "ridge", "must be positive")
+        check(self.sigma_0 > 0, "sigma_0", "must be positive")
+        check(self.kl_weight >= 0, "kl_weight", "must be >= 0")
+
+
+@dataclass
+class Memory:
+    """What one segment hands to the next, one detached tensor per layer in each list."""
+
+    stm: list  # (B, m, d), m <= mem_len: the last layer inputs
+    cmem: list  # (B, c, d), c <= cmem_len: compressed evicted layer inputs ("compressive")
+    ltm: list  # (B, N, d): long-term memory coefficients B; (B, 0, d) before the first write
+
+    def to(self, *args, **kwargs):
+        return Memory(*[[t.to(*args, **kwargs) for t in ts] for ts in (self.stm, self.cmem, self.ltm)])
+
+
+torch.serialization.add_safe_globals([Memory])  # so torch.load(weights_only=True) can read a saved Memory
+
+
+def rotate(x, cos, sin):
+    """RoPE: rotate each pair of channels by an angle proportional to its position."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Block(nn.Module):
+    """One layer: Z = Z_STM + Z_LTM, then the feed-forward network, both pre-LayerNorm residual.
+
+    Short-term attention sees [compressed memory; short-term memory; segment] under a causal
+    mask. Positions are RoPE over that window: it depends only on the distance between
+    query and key, so the memory's keys need no stored positions and segment-by-segment
+    processing equals processing at once (Transformer-XL's relative scheme has the same
+    property, with more machinery).
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.d_head, self.dropout = cfg.n_heads, cfg.d_model // cfg.n_heads, cfg.dropout
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.ltm = ContinuousAttention(cfg) if cfg.memory in ("infinite", "sticky") else None
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model))
+        self.drop = nn.Dropout(cfg.dropout)
+        inv_freq = 1.0 / 10000 ** (torch.arange(0, self.d_head, 2, dtype=torch.float32) / self.d_head)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x, stm, cmem, ltm):
+        """x (B, T, d); stm (B, m, d); cmem (B, c, d); ltm (B, N, d) or (B, 0, d).
+
+        Returns the layer output (B, T, d) and the LTM read's μ, σ² (B, H, T), or None.
+        """
+        B, T, d = x.shape
+        H, dh = self.n_heads, self.d_head
+        h = self.ln1(torch.cat([cmem, stm, x], dim=1))  # the window  (B, W, d)
+        W = h.size(1)
+        q = self.q(h[:, -T:]).view(B, T, H, dh).transpose(1, 2)  # (B, H, T, dh)
+        k, v = self.kv(h).view(B, W, 2, H, dh).permute(2, 0, 3, 1, 4)  # each (B, H, W, dh)
+        angles = torch.outer(torch.arange(W, device=x.device, dtype=self.inv_freq.dtype), self.inv_freq)  # (W, dh/2)
+        cos, sin = angles.cos(), angles.sin()
+        causal = torch.ones(T, W, dtype=torch.bool, device=x.device).tril(W - T)  # query i sees keys <= W-T+i
+        z = F.scaled_dot_product_attention(rotate(q, cos[-T:], sin[-T:]), rotate(k, cos, sin), v,
+                                           attn_mask=causal, dropout_p=self.dropout if self.training else 0.0)
+        y = self.proj(z.transpose(1, 2).reshape(B, T, d))  # Z_STM
+        mu = var = None
+        if self.ltm is not None and ltm.size(1) > 0:
+            z_ltm, mu, var = self.ltm(q, ltm)  # the LTM has no positions: position is t
+            y = y + z_ltm  # Z = Z_STM + Z_LTM
+        x = x + self.drop(y)
+        x = x + self.drop(self.mlp(self.ln2(x)))
+        return x, mu, var
+
+
+class InfFormer(nn.Module):
+    """The ∞-former, or its Transformer-XL / Compressive Transformer baselines (Config.memory).
+
+    model(tokens, memory) -> (output, new_memory, kl):
+      tokens (B, T) ids; memory from init_memory() or the previous call (None: a fresh one);
+      output (B, T, vocab_size) logits, or the final hidden states (B, T, d_model) when
+      cfg.lm_head is False and the caller supplies its own output layer;
+      new_memory to pass to the next segment (detached);
+      kl the KL regulariser already weighted by cfg.kl_weight: add it to the loss (0 without LTM).
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.write_ltm = UnboundedMemory(cfg) if cfg.memory in ("infinite", "sticky") else None
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False) if cfg.lm_head else None
+        self.apply(self._init_weights)  # no weight tying: on the sorting task a tied output layer
+        # starts by predicting the symbol it was just fed, and learned far more slowly
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def init_memory(self, batch_size):
+        """A fresh, empty memory for batch_size streams, on the model's device."""
+        w = self.ln_f.weight  # the device and dtype of the model
+        empty = lambda: [w.new_zeros(batch_size, 0, self.cfg.d_model) for _ in self.blocks]
+        return Memory(empty(), empty(), empty())
+
+    def forward(self, tokens, memory=None):
+        cfg = self.cfg
+        memory = self.init_memory(tokens.size(0)) if memory is None else memory
+        x = self.drop(self.tok_emb(tokens))  # (B, T, d)
+        new = Memory([], [], [])
+        kl = x.new_zeros(())
+        for block, stm, cmem, ltm in zip(self.blocks, memory.stm, memory.cmem, memory.ltm):
+            x_in = x.detach()
+            x, mu, var = block(x, stm, cmem, ltm)
+            if var is not None:
+                kl = kl + gaussian_kl(var, cfg.sigma_0).mean() / cfg.n_layers
+            # Short-term memory: keep the last mem_len layer inputs; older ones are evicted.
+            window = torch.cat([stm, x_in], dim=1)  # (B, m+T, d)
+            n_evict = max(0, window.size(1) - cfg.mem_len)
+            evicted = window[:, :n_evict]
+            new.stm.append(window[:, n_evict:])
+            if cfg.memory == "compressive" and n_evict > 0:  # mean-pool compress_rate states per slot
+                pooled = F.avg_pool1d(evicted.transpose(1, 2), cfg.compress_rate, ceil_mode=True).transpose(1, 2)
+                cmem = torch.cat([cmem, pooled], dim=1)[:, -cfg.cmem_len:]
+            new.cmem.append(cmem)
+            if self.write_ltm is not None and n_evict > 0:  # the evicted states go to the LTM
+                ltm = self.write_ltm(ltm, evicted, *((mu, var) if cfg.memory == "sticky" else ()))
+            new.ltm.append(ltm)
+        x = self.ln_f(x)
+        out = self.head(x) if self.head is not None else x
+        return out, new, cfg.kl_weight * kl

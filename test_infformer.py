@@ -1,0 +1,604 @@
+"""Tests for infformer, grouped by the sections of infformer.py, then the two scripts.
+
+Every numerical test compares against an independent computation: a direct formula,
+numerical integration, a float64 least-squares solve, or a brute-force reference.
+Run with:  python -m pytest -q
+"""
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from infformer import (Config, ContinuousAttention, InfFormer, Memory, UnboundedMemory, basis_at, basis_functions,
+                       gaussian_expectation, midpoints, ridge_matrix, sticky_positions)
+
+KINDS = ["xl", "compressive", "infinite", "sticky"]
+
+
+# ----------------------------------------------------------------------------- 1. basis
+
+
+def test_basis_functions_pair_every_centre_with_every_width():
+    centers, widths = basis_functions(8, (0.1, 0.3))
+    assert centers.shape == widths.shape == (8,)
+    pairs = sorted(zip(centers.tolist(), widths.tolist()))
+    expected = sorted((c, w) for c in np.linspace(0, 1, 4) for w in (0.1, 0.3))
+    np.testing.assert_allclose(pairs, expected, rtol=1e-6)
+
+
+def test_basis_at_is_the_normal_density():
+    centers, widths = basis_functions(16, (0.05, 0.2), torch.float64)
+    t = torch.linspace(-0.2, 1.2, 57, dtype=torch.float64)
+    psi = basis_at(t, centers, widths)
+    assert psi.shape == (57, 16) and psi.dtype == torch.float64
+    for i in (0, 13, 56):
+        for j in (0, 5, 15):
+            c, w, x = centers[j].item(), widths[j].item(), t[i].item()
+            direct = math.exp(-((x - c) ** 2) / (2 * w * w)) / math.sqrt(2 * math.pi * w * w)
+            assert psi[i, j].item() == pytest.approx(direct, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- 2. ridge
+
+
+def test_ridge_matrix_equals_a_float64_least_squares_solve():
+    centers, widths = basis_functions(20, (0.05, 0.2), torch.float64)
+    t, lam = midpoints(50), 0.5
+    X = torch.randn(50, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    G = ridge_matrix(t, centers, widths, lam)
+    assert G.shape == (50, 20)
+    # Ridge as ordinary least squares on an augmented system: [Fᵀ; √λ I] B = [X; 0].
+    Ft = np.exp(-((t.numpy()[:, None] - centers.numpy()) ** 2) / (2 * widths.numpy() ** 2))
+    Ft /= np.sqrt(2 * np.pi) * widths.numpy()
+    A = np.vstack([Ft, np.sqrt(lam) * np.eye(20)])
+    b = np.vstack([X.numpy(), np.zeros((20, 3))])
+    B_lstsq = np.linalg.lstsq(A, b, rcond=None)[0]
+    np.testing.assert_allclose((G.T @ X).numpy(), B_lstsq, rtol=1e-7, atol=1e-9)
+
+
+def test_ridge_fit_is_a_low_pass_filter():
+    centers, widths = basis_functions(64, (0.04, 0.2), torch.float64)
+    t = midpoints(512)
+    psi, G = basis_at(t, centers, widths), ridge_matrix(t, centers, widths, 1.0)
+    smooth = torch.stack([torch.sin(2 * math.pi * t), 0.5 * torch.cos(6 * math.pi * t) + t], 1)
+    noise = torch.randn(512, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    rel = lambda X: ((psi @ (G.T @ X) - X).norm() / X.norm()).item()
+    assert rel(smooth) < 0.02  # a smooth signal comes back within a few percent
+    assert rel(noise) > 0.8  # white noise does not
+
+
+# ----------------------------------------------------------------------------- 3. continuous attention
+
+
+def test_gaussian_expectation_equals_numerical_integration():
+    centers, widths = basis_functions(12, (0.03, 0.15), torch.float64)
+    mu = torch.tensor([0.1, 0.5, 0.93], dtype=torch.float64)
+    var = torch.tensor([0.01, 0.0004, 0.09], dtype=torch.float64)
+    r = gaussian_expectation(mu, var, centers, widths)
+    assert r.shape == (3, 12)
+    t = torch.linspace(-3, 4, 400_001, dtype=torch.float64)  # the Gaussians are negligible outside
+    psi = basis_at(t, centers, widths)  # (T, N)
+    for i in range(3):
+        p = torch.exp(-((t - mu[i]) ** 2) / (2 * var[i])) / torch.sqrt(2 * math.pi * var[i])
+        integral = torch.trapezoid(p[:, None] * psi, t, dim=0)
+        torch.testing.assert_close(r[i], integral, rtol=1e-6, atol=1e-9)
+
+
+def test_gaussian_expectation_gradcheck():
+    centers, widths = basis_functions(8, (0.05, 0.2), torch.float64)
+    mu = torch.tensor([0.2, 0.7], dtype=torch.float64, requires_grad=True)
+    var = torch.tensor([0.01, 0.05], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda m, v: gaussian_expectation(m, v, centers, widths), (mu, var))
+
+
+def test_continuous_attention_matches_the_papers_formula():
+    """The module folds w_μ, w_σ into the keys; compare with scores computed the paper's way."""
+    torch.manual_seed(0)
+    cfg = Config(d_model=16, n_heads=2, num_basis=8, basis_widths=(0.1, 0.3))
+    att = ContinuousAttention(cfg).double()
+    q = torch.randn(3, 2, 5, 8, dtype=torch.float64)
+    coeffs = torch.randn(3, 8, 16, dtype=torch.float64)
+    z, mu, var = att(q, coeffs)
+    K = (coeffs @ att.kv.weight[:16].T).view(3, 8, 2, 8).transpose(1, 2)  # (B, H, N, dh)
+    V = (coeffs @ att.kv.weight[16:].T).view(3, 8, 2, 8).transpose(1, 2)
+    s = q @ K.transpose(-2, -1) / math.sqrt(8)  # scores, one per basis function  (B, H, T, N)
+    w, b = att.w_mu_var.weight, att.w_mu_var.bias
+    mu_ref = torch.sigmoid(s @ w[0] + b[0])
+    var_ref = torch.nn.functional.softplus(s @ w[1] + b[1]).clamp_min(1e-4)
+    torch.testing.assert_close(mu, mu_ref)
+    torch.testing.assert_close(var, var_ref)
+    r = torch.exp(-((mu_ref[..., None] - att.centers) ** 2) / (2 * (var_ref[..., None] + att.widths**2)))
+    r = r / torch.sqrt(2 * math.pi * (var_ref[..., None] + att.widths**2))
+    z_ref = (r @ V).transpose(1, 2).reshape(3, 5, 16) @ att.proj.weight.T
+    torch.testing.assert_close(z, z_ref)
+
+
+# ----------------------------------------------------------------------------- 4. unbounded memory
+
+
+def test_unbounded_memory_keeps_recent_past_sharp_and_old_past_approximate():
+    cfg = Config(seg_len=32, num_basis=64, num_samples=64, tau=0.75)
+    write = UnboundedMemory(cfg).double()
+    signal = lambda u: torch.stack([torch.sin(2 * math.pi * u / 400), torch.cos(2 * math.pi * u / 400)], -1)
+    coeffs = torch.zeros(1, 0, 2, dtype=torch.float64)
+    chunks = []  # (global times, where that chunk now sits in [0, 1]), tracked independently of the module
+    for k in range(40):
+        u = torch.arange(32 * k, 32 * (k + 1), dtype=torch.float64)
+        new_at = midpoints(32) if k == 0 else midpoints(32, cfg.tau, 1.0)
+        coeffs = write(coeffs, signal(u)[None])
+        chunks = [(v, cfg.tau * p) for v, p in chunks] + [(u, new_at)]
+        assert coeffs.shape == (1, 64, 2)  # the state never grows
+
+    def error(age):
+        u, p = chunks[-1 - age]
+        x = basis_at(p, write.centers.double(), write.widths.double()) @ coeffs[0]
+        return ((x - signal(u)).norm() / signal(u).norm()).item()
+
+    assert error(0) < 0.02 and error(2) < 0.02  # the recent past: sharp
+    assert error(5) < 0.05 and error(8) < 0.15  # older: approximately
+    assert error(20) > 0.3  # the oldest part has lost its resolution
+
+
+def test_first_write_spreads_the_vectors_over_the_whole_interval():
+    cfg = Config(seg_len=16, num_basis=32, basis_widths=(0.05, 0.2))
+    write = UnboundedMemory(cfg).double()
+    t = midpoints(16)
+    X = torch.stack([torch.sin(2 * math.pi * t), t], -1)[None]
+    coeffs = write(torch.zeros(1, 0, 2, dtype=torch.float64), X)
+    x_hat = basis_at(t, write.centers.double(), write.widths.double()) @ coeffs[0]
+    assert ((x_hat - X[0]).norm() / X.norm()).item() < 0.05
+
+
+def test_write_of_another_length_matches_its_own_solve():
+    """A short write (not seg_len vectors) solves its own G; check it against the formula."""
+    cfg = Config(seg_len=16, num_basis=32, num_samples=24, tau=0.6)
+    write = UnboundedMemory(cfg).double()
+    old = torch.randn(2, 32, 3, dtype=torch.float64)
+    X = torch.randn(2, 5, 3, dtype=torch.float64)
+    c, w = basis_functions(32, cfg.basis_widths, torch.float64)
+    s = torch.arange(1, 25, dtype=torch.float64) / 24
+    t = torch.cat([0.6 * s, 0.6 + 0.4 * (torch.arange(5, dtype=torch.float64) + 0.5) / 5])
+    Y = torch.cat([basis_at(s, c, w) @ old, X], 1)  # old signal at i/M, then the new vectors
+    Ft = basis_at(t, c, w)
+    expected = torch.linalg.solve(Ft.T @ Ft + cfg.ridge * torch.eye(32, dtype=torch.float64), Ft.T @ Y)
+    torch.testing.assert_close(write(old, X), expected)
+
+
+# ----------------------------------------------------------------------------- 5. sticky memories
+
+
+def test_sticky_positions_follow_the_attention_densities():
+    torch.manual_seed(0)
+    mu = torch.full((2, 3, 50), 0.3)
+    mu[1] = 0.8
+    var = torch.full((2, 3, 50), 0.03**2)
+    s = sticky_positions(mu, var, num_bins=64, num_samples=2000)
+    assert s.shape == (2, 2000)
+    assert (s >= 0).all() and (s <= 1).all()
+    assert (s[:, 1:] >= s[:, :-1]).all()  # sorted
+    assert ((s[0] - 0.3).abs() < 0.1).float().mean() > 0.99
+    assert ((s[1] - 0.8).abs() < 0.1).float().mean() > 0.99
+    assert len(torch.unique(s)) > 1900  # a real offset inside the bins, not bin edges
+
+
+def test_sticky_histogram_matches_brute_force_bin_masses():
+    torch.manual_seed(1)
+    mu = torch.tensor([[[0.2, 0.6], [0.45, 0.9]]], dtype=torch.float64)  # (1, heads, queries)
+    var = torch.tensor([[[0.01, 0.002], [0.05, 0.001]]], dtype=torch.float64)
+    D, M = 10, 200_000
+    s = sticky_positions(mu, var, num_bins=D, num_samples=M)
+    counts = torch.bincount((s[0] * D).long().clamp_max(D - 1), minlength=D).double() / M
+    Phi = lambda x, m, v: 0.5 * (1 + math.erf((x - m) / math.sqrt(2 * v)))
+    mass = torch.tensor([sum(Phi((b + 1) / D, m, v) - Phi(b / D, m, v) for m, v in zip(mu.flatten().tolist(),
+                                                                                        var.flatten().tolist()))
+                         for b in range(D)], dtype=torch.float64)
+    torch.testing.assert_close(counts, mass / mass.sum(), atol=4e-3, rtol=0)
+
+
+def test_sticky_write_keeps_resolution_where_attention_went():
+    """Sticky writes old(s_i) at the slots τ·i/M: with s_i dense where attention went, that region
+    survives in fine detail (read back through the warp s_i -> τ·i/M); uniform sampling aliases it."""
+    cfg = Config(seg_len=8, num_basis=128, basis_widths=(0.01, 0.03), num_samples=16, sticky_bins=64, tau=0.5)
+    write = UnboundedMemory(cfg).double()
+    c, w = write.centers.double(), write.widths.double()
+    wiggly = torch.sin(2 * math.pi * 12 * midpoints(256))[None, :, None]
+    old = write(torch.zeros(1, 0, 1, dtype=torch.float64), wiggly)  # a first write over [0, 1]
+    mu = torch.full((1, 2, 8), 0.45, dtype=torch.float64)
+    var = torch.full((1, 2, 8), 0.03**2, dtype=torch.float64)
+    new = torch.randn(1, 8, 1, dtype=torch.float64)
+    torch.manual_seed(0)
+    s = sticky_positions(mu, var, cfg.sticky_bins, cfg.num_samples)[0]  # the positions the write will draw
+    torch.manual_seed(0)
+    sticky = write(old, new, mu, var)
+    uniform = write(old, new)
+    # Reference: the ridge fit of old(s_i) at τ·i/M and the new vectors in (τ, 1], solved directly.
+    slots = cfg.tau * torch.arange(1, 17, dtype=torch.float64) / 16
+    t = torch.cat([slots, midpoints(8, cfg.tau, 1.0)])
+    Y = torch.cat([basis_at(s, c, w) @ old[0], new[0]])
+    Ft = basis_at(t, c, w)
+    torch.testing.assert_close(sticky[0], torch.linalg.solve(Ft.T @ Ft + torch.eye(128, dtype=torch.float64), Ft.T @ Y))
+    region = torch.linspace(0.43, 0.47, 30, dtype=torch.float64)  # where attention went
+    truth = basis_at(region, c, w) @ old[0]
+    warped = torch.from_numpy(np.interp(region.numpy(), s.numpy(), slots.numpy()))
+    err = lambda coeffs, at: ((basis_at(at, c, w) @ coeffs[0] - truth).norm() / truth.norm()).item()
+    assert err(sticky, warped) < 0.5 * err(uniform, cfg.tau * region)
+
+
+# ----------------------------------------------------------------------------- 6. the model
+
+
+def tiny(memory, **kw):
+    base = dict(vocab_size=23, d_model=32, n_layers=2, n_heads=4, d_ff=64, seg_len=8, mem_len=8, memory=memory,
+                num_basis=16, basis_widths=(0.05, 0.2), num_samples=16, sticky_bins=16, cmem_len=8, compress_rate=2)
+    base.update(kw)
+    torch.manual_seed(0)
+    return InfFormer(Config(**base)).eval()
+
+
+def run_segments(model, tokens, seed=0):
+    torch.manual_seed(seed)  # sticky sampling draws random numbers: same draws for compared runs
+    memory, outs = model.init_memory(tokens.size(0)), []
+    with torch.no_grad():
+        for seg in tokens.split(model.cfg.seg_len, dim=1):
+            out, memory, _ = model(seg, memory)
+            outs.append(out)
+    return outs, memory
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_causal_inside_a_segment(kind):
+    model = tiny(kind)
+    tokens = torch.randint(0, 23, (2, 24))
+    a, _ = run_segments(model, tokens)
+    tokens[:, 8 + 5] = (tokens[:, 8 + 5] + 1) % 23  # segment 1, position 5
+    b, _ = run_segments(model, tokens)
+    assert torch.equal(a[0], b[0])
+    torch.testing.assert_close(a[1][:, :5], b[1][:, :5], rtol=0, atol=1e-6)
+    assert (a[1][:, 5:] - b[1][:, 5:]).abs().amax() > 1e-3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_memory_reach(kind):
+    """A change in the first segment: xl forgets it exactly after n_layers segments, compressive
+    once its compressed memory has moved on, the long-term memory does not."""
+    model = tiny(kind)
+    tokens = torch.randint(0, 23, (2, 8 * 12))
+    a, _ = run_segments(model, tokens)
+    tokens[:, :8] = (tokens[:, :8] + 1) % 23
+    b, _ = run_segments(model, tokens)
+    # Layer l at segment k sees layer l-1 at segments k-1 and k, so segment 0 reaches segment n_layers.
+    assert (a[2] - b[2]).abs().amax() > 1e-4
+    if kind == "xl":
+        for k in range(3, 12):
+            assert torch.equal(a[k], b[k])
+    elif kind == "compressive":  # 8 slots at rate 2 hold two segments of evicted states
+        assert (a[3] - b[3]).abs().amax() > 1e-4
+        assert torch.equal(a[11], b[11])
+    else:  # the old signal's share shrinks by τ at every write, but never reaches zero
+        assert (a[11] - b[11]).abs().amax() > 1e-5  # float32 rounding alone stays near 1e-7
+
+
+def test_xl_in_segments_equals_the_whole_sequence_at_once():
+    model = tiny("xl", mem_len=48)
+    tokens = torch.randint(0, 23, (3, 48))
+    outs, _ = run_segments(model, tokens)
+    with torch.no_grad():
+        whole, _, _ = model(tokens, model.init_memory(3))
+    torch.testing.assert_close(torch.cat(outs, 1), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_memory_state_is_bounded_detached_and_the_ltm_is_n_by_d():
+    for kind in KINDS:
+        model = tiny(kind).train()
+        memory = model.init_memory(2)
+        for _ in range(6):
+            _, memory, _ = model(torch.randint(0, 23, (2, 8)), memory)
+        for stm, cmem, ltm in zip(memory.stm, memory.cmem, memory.ltm):
+            assert stm.shape == (2, 8, 32) and not stm.requires_grad
+            assert cmem.shape == ((2, 8, 32) if kind == "compressive" else (2, 0, 32)) and not cmem.requires_grad
+            assert ltm.shape == ((2, 16, 32) if kind in ("infinite", "sticky") else (2, 0, 32))
+            assert not ltm.requires_grad
+
+
+def test_compressed_memory_is_the_mean_of_evicted_states():
+    model = tiny("compressive", cmem_len=6, compress_rate=4)
+    tokens = torch.randint(0, 23, (2, 40))
+    _, memory = run_segments(model, tokens)
+    # Recompute every layer-0 input directly: the embeddings of all 40 tokens (dropout is off).
+    x0 = model.tok_emb(tokens).detach()
+    evicted = x0[:, :32]  # everything but the last mem_len = 8
+    pooled = evicted.view(2, 8, 4, 32).mean(2)  # 8 slots of 4 states; the memory keeps the last 6
+    torch.testing.assert_close(memory.cmem[0], pooled[:, -6:])
+    torch.testing.assert_close(memory.stm[0], x0[:, 32:])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_memory_kind_overfits_a_tiny_batch(kind):
+    model = tiny(kind).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tokens = torch.randint(0, 23, (2, 25), generator=torch.Generator().manual_seed(1))
+    for _ in range(60):
+        memory, loss = model.init_memory(2), 0
+        for i in range(3):  # three segments, gradients through all of them
+            logits, memory, kl = model(tokens[:, 8 * i:8 * i + 8], memory)
+            loss = loss + torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 8 * i + 1:8 * i + 9].flatten()) + kl
+        opt.zero_grad()
+        (loss / 3).backward()
+        opt.step()
+    assert (loss / 3).item() < 0.1
+
+
+def test_hidden_state_output_for_an_own_head():
+    model = tiny("infinite", lm_head=False)
+    out, _, _ = model(torch.randint(0, 23, (2, 8)), model.init_memory(2))
+    assert out.shape == (2, 8, 32) and model.head is None
+
+
+def test_ltm_math_stays_float32_under_bf16_autocast():
+    model = tiny("sticky")
+    memory = model.init_memory(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(3):
+            out, memory, kl = model(torch.randint(0, 23, (2, 8)), memory)
+        q = torch.randn(2, 4, 8, 8)
+        z, mu, var = model.blocks[0].ltm(q, memory.ltm[0])
+    assert out.dtype == torch.bfloat16  # the rest runs in bf16
+    assert all(t.dtype == torch.float32 for t in memory.ltm) and mu.dtype == var.dtype == torch.float32
+    assert torch.isfinite(kl)
+
+
+def test_memory_moves_and_saves():
+    model = tiny("infinite")
+    _, memory = run_segments(model, torch.randint(0, 23, (2, 24)))
+    moved = memory.to(torch.float64)
+    assert isinstance(moved, Memory) and moved.ltm[0].dtype == torch.float64
+    buf = io.BytesIO()
+    torch.save(memory, buf)
+    buf.seek(0)
+    loaded = torch.load(buf)  # weights_only by default: Memory is an allowed global
+    assert all(torch.equal(a, b) for a, b in zip(loaded.ltm + loaded.stm, memory.ltm + memory.stm))
+
+
+@pytest.mark.parametrize("field,value", [("memory", "lstm"), ("tau", 0.0), ("tau", 1.0), ("num_basis", 1),
+                                         ("num_basis", 7), ("basis_widths", (0.1, -0.1)), ("ridge", 0.0),
+                                         ("ridge", -1.0), ("d_model", 30), ("mem_len", -1), ("seg_len", 0)])
+def test_bad_config_raises_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        Config(**{field: value})
+
+
+# ----------------------------------------------------------------------------- train_sort.py
+
+import collections  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import train_sort  # noqa: E402
+import train_lm  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_streams_drift_from_p_init_to_p_final():
+    streams, p_init, p_final = train_sort.sample_streams(4, 20_000, torch.Generator().manual_seed(0))
+    assert streams.shape == (4, 20_000) and 0 <= streams.min() and streams.max() < 20
+    freq = lambda part: torch.stack([torch.bincount(s, minlength=20) / len(s) for s in part])
+    start, end = freq(streams[:, :1000]), freq(streams[:, -1000:])
+    # The first 5% are drawn from ≈ p_init, the last 5% from ≈ p_final.
+    assert ((start - p_init).abs().sum(1) < (start - p_final).abs().sum(1)).all()
+    assert ((end - p_final).abs().sum(1) < (end - p_init).abs().sum(1)).all()
+    # The mixture weight grows linearly, so the whole sequence averages the two.
+    torch.testing.assert_close(freq(streams), (p_init + p_final) / 2, atol=0.015, rtol=0)
+    for p in (p_init, p_final):  # integers 1..9, normalised: ratios of at most 9
+        assert (p.amax(1) / p.amin(1) <= 9 + 1e-5).all()
+
+
+def brute_force_order(stream):
+    counts = collections.Counter(stream)
+    seen = sorted(counts, key=lambda s: (-counts[s], stream.index(s)))
+    return seen + [s for s in range(20) if s not in counts]
+
+
+def test_sort_targets_match_a_brute_force_reference():
+    gen = torch.Generator().manual_seed(0)
+    for length in (1, 7, 15, 40, 300):  # short streams: many ties and unseen symbols
+        streams, _, _ = train_sort.sample_streams(16, length, gen)
+        targets = train_sort.sort_targets(streams)
+        for stream, target in zip(streams.tolist(), targets.tolist()):
+            assert target == brute_force_order(stream)
+
+
+def test_batch_layout_and_segments():
+    inputs, targets = train_sort.make_batch(3, 50, torch.Generator().manual_seed(0))
+    assert inputs.shape == (3, 70) and targets.shape == (3, 20)
+    assert (inputs[:, :50] < 20).all() and (inputs[:, 50] == train_sort.SEP).all()
+    assert torch.equal(inputs[:, 51:], train_sort.ANSWER + targets[:, :19])  # the answer, teacher-forced
+    chunks = train_sort.segments(inputs, 32)
+    assert [c.size(1) for c in chunks] == [6, 32, 32] and torch.equal(torch.cat(chunks, 1), inputs)
+
+
+def test_target_logits_are_the_last_twenty_positions():
+    """Segment by segment with memory equals the whole sequence at once (xl, memory >= length):
+    so the logits scored are exactly those at the 20 answer positions."""
+    cfg = Config(vocab_size=train_sort.VOCAB, d_model=32, n_layers=2, n_heads=4, d_ff=64, seg_len=32, mem_len=128,
+                 memory="xl")
+    torch.manual_seed(0)
+    model = train_sort.make_model(cfg).eval()
+    inputs, _ = train_sort.make_batch(2, 70, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, kl = train_sort.target_logits(model, inputs, 32, torch.autocast("cpu", enabled=False))
+        whole, _, _ = model(inputs, model.init_memory(2))
+    torch.testing.assert_close(logits, whole[:, 70:90], rtol=1e-5, atol=1e-5)
+
+
+def test_train_sort_runs_every_memory_kind(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as on a machine without matplotlib
+    train_sort.main(["--steps", "2", "--seq-len", "150", "--batch-size", "2", "--eval-size", "3",
+                     "--out", str(tmp_path), "--log-seconds", "0"])
+    out = capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["memory"] for r in results] == KINDS
+    for r in results:
+        assert {"memory", "test_accuracy", "tokens_per_second", "peak_memory_mb", "minutes", "config"} <= set(r)
+        assert 0 <= r["test_accuracy"] <= 1 and r["tokens_per_second"] > 0 and r["peak_memory_mb"] > 0
+    assert "| sticky |" in out and "plot skipped" in out
+
+
+@pytest.mark.parametrize("argv,message", [(["--steps", "0"], "--steps"), (["--memory", "lstm"], "--memory"),
+                                          (["--device", "cuda:0"], "--device")])
+def test_train_sort_rejects_bad_arguments(argv, message, capsys):
+    if argv[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as e:
+        train_sort.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- train_lm.py
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A small WikiText-format corpus: Zipf-like words, headings, blank lines; 'zebra' only outside train."""
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(40)]
+    p = 1 / np.arange(1, 41)
+    p /= p.sum()
+
+    def text(n_lines, extra=()):
+        lines = [" = Title = ", ""]
+        for i in range(n_lines):
+            line = list(rng.choice(words, size=12, p=p)) + list(extra if i % 5 == 0 else ())
+            lines.append(" " + " ".join(line) + " ")
+        return "\n".join(lines) + "\n"
+
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "wiki.train.tokens").write_text(text(400, ["<unk>"]))
+    (d / "wiki.valid.tokens").write_text(text(40, ["zebra"]))
+    (d / "wiki.test.tokens").write_text(text(40, ["zebra"]))
+    return d
+
+
+def lm_args(corpus, out, *extra):
+    return train_lm.parse_args(["--data", str(corpus), "--out", str(out), "--batch-size", "4", "--max-steps", "6",
+                                "--eval-streams", "3", "--log-seconds", "0", *extra])
+
+
+def test_vocabulary_eos_and_unk(corpus):
+    vocab, data = train_lm.tokenize(train_lm.split_paths(str(corpus)))
+    train_words = (corpus / "wiki.train.tokens").read_text().split("\n")[:-1]  # the lines, as Python reads them
+    counts = collections.Counter(w for line in train_words for w in line.split() + ["<eos>"])
+    assert set(vocab) == set(counts) and "zebra" not in vocab
+    assert [counts[w] for w in vocab] == sorted(counts.values(), reverse=True)  # frequent words first
+    assert len(data["train"]) == sum(counts.values())
+    index = {w: i for i, w in enumerate(vocab)}
+    valid_words = [w for line in (corpus / "wiki.valid.tokens").read_text().split("\n")[:-1]
+                   for w in line.split() + ["<eos>"]]
+    expected = [index.get(w, index["<unk>"]) for w in valid_words]
+    assert data["valid"].tolist() == expected and valid_words.count("zebra") > 0
+
+
+def test_token_cache_is_reused_and_rebuilt_when_files_change(corpus, tmp_path, capsys):
+    train_lm.load_corpus(str(corpus), str(tmp_path))
+    assert "tokenising" in capsys.readouterr().out and (corpus / "infformer-cache.pt").exists()
+    _, data = train_lm.load_corpus(str(corpus), str(tmp_path))
+    assert "token ids from" in capsys.readouterr().out
+    with open(corpus / "wiki.test.tokens", "a") as f:
+        f.write(" w1 w2 \n")
+    _, data2 = train_lm.load_corpus(str(corpus), str(tmp_path))
+    assert "tokenising" in capsys.readouterr().out and len(data2["test"]) == len(data["test"]) + 3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_train_lm_trains_and_evaluates(kind, corpus, tmp_path):
+    train_lm.main(lm_args(corpus, tmp_path / "run", "--memory", kind))
+    r = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert {"memory", "valid_ppl", "test_ppl", "tokens_per_second", "peak_memory_mb", "minutes", "config"} <= set(r)
+    assert r["memory"] == kind and r["steps"] == 6
+    assert 1 < r["valid_ppl"] < 80 and 1 < r["test_ppl"] < 80  # below uniform over the ~45-word vocabulary
+    assert (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_perplexity_counts_every_token_once(corpus):
+    """A fake model whose NLL is a function of the target: perplexity must be exp of its mean over
+    every target of the split, once each, whatever the number of streams and the padding."""
+    vocab, data = train_lm.tokenize(train_lm.split_paths(str(corpus)))
+
+    class Fake(torch.nn.Module):
+        def forward(self, tokens, targets, memory):
+            return 0.01 * targets.double() + 1, memory, 0.0
+
+    expected = math.exp(sum(0.01 * t + 1 for t in data["valid"][1:].tolist()) / (len(data["valid"]) - 1))
+    for streams in (1, 3, 7):
+        ppl = train_lm.perplexity(Fake(), data["valid"], streams, 5, "cpu", torch.autocast("cpu", enabled=False))
+        assert ppl == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["xl", "sticky"])
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(kind, corpus, tmp_path, monkeypatch):
+    """SIGINT at step 3 saves a checkpoint; resuming it ends exactly where the plain run ends
+    (dropout and sticky sampling draw random numbers, so the RNG state must come back too)."""
+    whole = lm_args(corpus, tmp_path / "whole", "--memory", kind)
+    train_lm.main(whole)
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def interrupt_at_step_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return clip(*a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", interrupt_at_step_3)
+    with pytest.raises(SystemExit) as e:
+        train_lm.main(lm_args(corpus, tmp_path / "part", "--memory", kind))
+    assert e.value.code == 128 + signal.SIGINT
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    assert torch.load(tmp_path / "part" / "ckpt.pt")["step"] == 3
+    train_lm.main(lm_args(corpus, tmp_path / "part", "--memory", kind, "--resume", str(tmp_path / "part" / "ckpt.pt")))
+    a = json.loads((tmp_path / "whole" / "results.json").read_text())
+    b = json.loads((tmp_path / "part" / "results.json").read_text())
+    assert a["train_loss"] == b["train_loss"] and a["valid_ppl"] == b["valid_ppl"] and a["test_ppl"] == b["test_ppl"]
+
+
+def test_resume_rejects_damaged_and_mismatched_checkpoints(corpus, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(train_lm.UserError, match="damaged"):
+        train_lm.main(lm_args(corpus, tmp_path / "r", "--resume", str(bad)))
+    train_lm.main(lm_args(corpus, tmp_path / "r"))
+    with pytest.raises(train_lm.UserError, match="another configuration: batch_size 4"):
+        train_lm.main(lm_args(corpus, tmp_path / "r", "--resume", str(tmp_path / "r" / "ckpt.pt"), "--batch-size", "2"))
+
+
+def test_bad_data_gives_one_clear_line(corpus, tmp_path):
+    (corpus / "wiki.test.tokens").unlink()
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "train_lm.py"), "--data", str(corpus),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"train_lm.py: error: --data {corpus}: missing wiki.test.tokens (or test.txt)"
+    (corpus / "wiki.test.tokens").write_text("")
+    with pytest.raises(train_lm.UserError, match="wiki.test.tokens is empty"):
+        train_lm.main(lm_args(corpus, tmp_path / "o"))
+    with pytest.raises(train_lm.UserError, match="no such folder"):
+        train_lm.main(lm_args(tmp_path / "nowhere", tmp_path / "o"))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
+def test_two_process_torchrun_on_cpu(corpus, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(HERE, "train_lm.py"), "--data", str(corpus), "--out", str(tmp_path / "ddp"),
+                           "--memory", "infinite", "--batch-size", "2", "--max-steps", "4", "--save-every", "2",
+                           "--device", "cpu"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert r["config"]["world_size"] == 2 and r["steps"] == 4
+    ckpt = torch.load(tmp_path / "ddp" / "ckpt.pt")
+    assert len(ckpt["memory"]) == 2 and len(ckpt["pos"]) == 2  # both ranks' memories are saved
+    assert proc.stdout.count("valid ppl") == 1  # only rank 0 evaluates and logs

@@ -1,0 +1,432 @@
+"""
+Word-level language modelling on WikiText-103 with memories carried across segments.
+
+  python train_lm.py --data data/wikitext-103                       # small CPU default, xl
+  python train_lm.py --data data/wikitext-103 --memory infinite     # the ∞-former
+  python train_lm.py --data data/wikitext-103 --preset paper        # the paper's base model, one GPU
+  torchrun --nproc_per_node=8 train_lm.py --data data/wikitext-103 --preset paper
+  python train_lm.py --data data/wikitext-103 --resume runs/lm/ckpt.pt   # continue a run
+
+--data holds wiki.{train,valid,test}.tokens (or train.txt, valid.txt, test.txt). The
+token ids are cached beside the data (or under --out if that folder is read-only) and
+rebuilt when the files change. The run ends with the valid and test perplexity over the
+whole streams, memory carried, and writes results.json and a checkpoint under --out.
+"""
+import argparse
+import array
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from infformer import Config, InfFormer, Memory
+
+SPLITS = ("train", "valid", "test")
+CACHE_VERSION = 1
+
+PRESETS = {
+    # Trains in minutes on a laptop CPU.
+    "cpu": dict(batch_size=16, max_steps=1500, lr=1e-3, warmup=100, clip=0.25,
+                model=dict(d_model=128, n_layers=4, n_heads=4, d_ff=512, dropout=0.1, seg_len=64, mem_len=64,
+                           num_basis=64, basis_widths=(0.04, 0.2), num_samples=64, tau=0.5,
+                           cmem_len=64, compress_rate=4)),
+    # The paper's base model (Transformer-XL base: 16 layers, d 410, 10 heads, d_ff 2100), N = 150.
+    "paper": dict(batch_size=60, max_steps=200_000, lr=2.5e-4, warmup=0, clip=0.25,
+                  model=dict(d_model=410, n_layers=16, n_heads=10, d_ff=2100, dropout=0.1, seg_len=150, mem_len=150,
+                             num_basis=150, basis_widths=(0.01, 0.05), num_samples=150, tau=0.5,
+                             cmem_len=150, compress_rate=4)),
+}
+
+
+class UserError(Exception):
+    """A mistake in the command line or the files: reported as one line, never a traceback."""
+
+
+# -----------------------------------------------------------------------------
+# Data: whitespace-separated words, <eos> at every line end, vocabulary from train.
+
+
+def split_paths(data_dir):
+    """The three WikiText files, under either naming; a missing or empty one is a UserError."""
+    if not os.path.isdir(data_dir):
+        raise UserError(f"--data {data_dir}: no such folder")
+    paths = {}
+    for split in SPLITS:
+        names = [f"wiki.{split}.tokens", f"{split}.txt"]
+        found = [os.path.join(data_dir, n) for n in names if os.path.isfile(os.path.join(data_dir, n))]
+        if not found:
+            raise UserError(f"--data {data_dir}: missing {names[0]} (or {names[1]})")
+        if os.path.getsize(found[0]) == 0:
+            raise UserError(f"{found[0]} is empty")
+        paths[split] = found[0]
+    return paths
+
+
+def read_ids(path, index, grow):
+    """Token ids of a file; with grow, unseen words get new ids, else they map to <unk>."""
+    ids, unk = array.array("i"), index.get("<unk>")
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            words = line.split() + ["<eos>"]
+            ids.extend([index.setdefault(w, len(index)) for w in words] if grow else
+                       [index.get(w, unk) for w in words])
+    return torch.frombuffer(ids, dtype=torch.int32).clone() if len(ids) else torch.zeros(0, dtype=torch.int32)
+
+
+def tokenize(paths):
+    """Vocabulary sorted by training frequency (the adaptive softmax needs frequent words first)."""
+    index = {"<eos>": 0}
+    train = read_ids(paths["train"], index, grow=True).long()
+    index.setdefault("<unk>", len(index))
+    order = torch.argsort(-torch.bincount(train, minlength=len(index)), stable=True)  # ties: first seen first
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    words = list(index)
+    vocab = [words[i] for i in order.tolist()]
+    index = {w: i for i, w in enumerate(vocab)}
+    data = {"train": rank[train].int()}
+    for split in ("valid", "test"):
+        data[split] = read_ids(paths[split], index, grow=False)
+    return vocab, data
+
+
+def load_corpus(data_dir, out_dir, log=print):
+    """Token ids per split, from the cache when it matches the files, else tokenised and cached."""
+    paths = split_paths(data_dir)
+    fingerprint = [(os.path.basename(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths.values()]
+    cache_dir = data_dir if os.access(data_dir, os.W_OK) else out_dir
+    cache = os.path.join(cache_dir, "infformer-cache.pt")
+    if os.path.exists(cache):
+        try:
+            saved = torch.load(cache)
+            if saved["version"] == CACHE_VERSION and saved["fingerprint"] == fingerprint:
+                log(f"token ids from {cache}", flush=True)
+                return saved["vocab"], saved["data"]
+        except Exception:  # unreadable: rebuild it below
+            pass
+    start = time.time()
+    log(f"tokenising {data_dir} ...", flush=True)
+    vocab, data = tokenize(paths)
+    os.makedirs(cache_dir, exist_ok=True)
+    atomic_save({"version": CACHE_VERSION, "fingerprint": fingerprint, "vocab": vocab, "data": data}, cache)
+    log(f"tokenised in {time.time() - start:.0f} s: {len(vocab):,} words, "
+          + ", ".join(f"{s} {len(data[s]):,} tokens" for s in SPLITS) + f"; cached in {cache}", flush=True)
+    return vocab, data
+
+
+def batchify(ids, n_streams):
+    """Cut one long token stream into n_streams contiguous streams: (n_streams, length)."""
+    length = len(ids) // n_streams
+    return ids[:n_streams * length].view(n_streams, length).long()
+
+
+# -----------------------------------------------------------------------------
+# The model: InfFormer's hidden states into an adaptive softmax.
+
+
+def scaled_cutoffs(vocab_size):
+    """WikiText-103's cutoffs [20000, 40000, 200000] (of 267,736 words), scaled to this vocabulary."""
+    cutoffs = sorted({round(c * vocab_size / 267_736) for c in (20_000, 40_000, 200_000)})
+    return [c for c in cutoffs if 0 < c < vocab_size] or [max(1, vocab_size // 2)]
+
+
+class TiedEmbedding(nn.Module):
+    """An input embedding that reuses the adaptive softmax's output vectors (div_value = 1, as in
+    Transformer-XL): the head's shortlist rows, then each tail cluster's output rows."""
+
+    def __init__(self, softmax):
+        super().__init__()
+        self.softmax = [softmax]  # a list, so that its weights stay registered once, in the softmax
+
+    def forward(self, tokens):
+        sm = self.softmax[0]
+        table = torch.cat([sm.head.weight[:sm.shortlist_size]] + [tail[1].weight for tail in sm.tail])  # (V, d)
+        return F.embedding(tokens, table)
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg, tie):
+        super().__init__()
+        self.body = InfFormer(cfg)  # cfg.lm_head is False: it returns hidden states
+        self.softmax = nn.AdaptiveLogSoftmaxWithLoss(cfg.d_model, cfg.vocab_size, scaled_cutoffs(cfg.vocab_size),
+                                                     div_value=1.0 if tie else 4.0)
+        if tie:
+            self.body.tok_emb = TiedEmbedding(self.softmax)
+
+    def forward(self, tokens, targets, memory):
+        """Per-token negative log-likelihood (B, T), the new memory and the weighted KL term."""
+        hidden, memory, kl = self.body(tokens, memory)
+        log_prob = self.softmax(hidden.flatten(0, 1).float(), targets.flatten()).output  # log p(target)
+        return -log_prob.view(targets.shape), memory, kl
+
+
+# -----------------------------------------------------------------------------
+# Evaluation, checkpoints
+
+
+@torch.no_grad()
+def perplexity(model, ids, n_streams, seg_len, device, autocast):
+    """exp(token-weighted mean NLL) over every token of the split, memory carried along each stream.
+    The stream is cut into n_streams pieces; the last is padded and the padding masked out."""
+    model.eval()
+    inputs, targets = ids[:-1].long(), ids[1:].long()
+    n = len(targets)
+    length = math.ceil(n / n_streams)
+    pad = n_streams * length - n
+    mask = torch.cat([torch.ones(n), torch.zeros(pad)]).view(n_streams, length)
+    inputs, targets = (F.pad(t, (0, pad)).view(n_streams, length) for t in (inputs, targets))
+    memory, total = None, 0.0
+    for i in range(0, length, seg_len):
+        with autocast:
+            nll, memory, _ = model(inputs[:, i:i + seg_len].to(device), targets[:, i:i + seg_len].to(device), memory)
+        total += (nll.double().cpu() * mask[:, i:i + seg_len]).sum().item()
+    model.train()
+    return math.exp(total / n)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, run):
+    """Read a checkpoint and check that it belongs to this configuration; UserError if not."""
+    if not os.path.isfile(path):
+        raise UserError(f"--resume {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu")
+        saved_run = ckpt["run"]
+    except Exception as e:
+        raise UserError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}); the file may be damaged")
+    diff = [f"{k} {saved_run.get(k)!r} (now {run.get(k)!r})" for k in run if saved_run.get(k) != run.get(k)]
+    if diff:
+        raise UserError(f"--resume {path} was written for another configuration: " + ", ".join(diff))
+    return ckpt
+
+
+def rng_state():
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -----------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="folder with the WikiText train/valid/test files")
+    p.add_argument("--memory", choices=["xl", "compressive", "infinite", "sticky"], default="xl",
+                   help="memory kind (default xl)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="model and training setting (default cpu)")
+    p.add_argument("--max-steps", type=int, help="training steps; the learning-rate schedule spans them "
+                                                "(preset: cpu 1500, paper 200000)")
+    p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (then evaluate)")
+    p.add_argument("--batch-size", type=int, help="streams per process (preset: cpu 16, paper 60)")
+    p.add_argument("--lr", type=float, help="peak learning rate (preset: cpu 1e-3, paper 2.5e-4)")
+    p.add_argument("--eval-streams", type=int, default=10, help="streams the valid/test text is cut into (default 10)")
+    p.add_argument("--tie", action=argparse.BooleanOptionalAction, default=True,
+                   help="share the input embedding with the adaptive softmax (default: on)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--out", default="runs/lm", help="folder for results.json and ckpt.pt (default runs/lm)")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every this many steps (default 500)")
+    p.add_argument("--resume", help="checkpoint to continue from (the same configuration)")
+    p.add_argument("--log-seconds", type=float, default=5.0, help="seconds between progress lines (default 5)")
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    for key in ("batch_size", "max_steps", "lr"):
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key])
+    args.warmup, args.clip, args.model = min(preset["warmup"], args.max_steps), preset["clip"], preset["model"]
+    for key in ("batch_size", "max_steps", "eval_streams", "save_every"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be at least 1")
+    if not args.lr > 0 or (args.max_minutes is not None and not args.max_minutes > 0):
+        p.error("--lr and --max-minutes must be positive")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError as e:
+        p.error(f"--device {args.device}: {e}")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available on this machine")
+    return args
+
+
+def main(args):
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = args.device
+    if world > 1:  # launched by torchrun: one process per GPU (nccl), or per CPU worker (gloo)
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    log = print if rank == 0 else (lambda *a, **k: None)
+    os.makedirs(args.out, exist_ok=True)
+
+    # Data: rank 0 tokenises (or loads the cache) first, then the others read the cache.
+    if rank == 0:
+        vocab, data = load_corpus(args.data, args.out)
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        vocab, data = load_corpus(args.data, args.out, log)
+    if len(data["train"]) < args.batch_size * world * 2:
+        raise UserError(f"{args.data}: the training split has {len(data['train'])} tokens, too few for "
+                        f"{args.batch_size * world} streams")
+    train_data = batchify(data["train"], args.batch_size * world)[rank * args.batch_size:(rank + 1) * args.batch_size]
+
+    cfg = Config(vocab_size=len(vocab), memory=args.memory, lm_head=False, **args.model)
+    run = {**vars(cfg), "tie": args.tie, "batch_size": args.batch_size, "world_size": world,
+           "max_steps": args.max_steps, "lr": args.lr, "warmup": args.warmup, "clip": args.clip, "seed": args.seed,
+           "train_tokens": len(data["train"])}
+    ckpt = load_checkpoint(args.resume, run) if args.resume else None
+    torch.manual_seed(args.seed + rank)
+    model = LanguageModel(cfg, args.tie).to(device)
+    ddp = model
+    if world > 1:  # the LTM's parameters are unused while its memory is still empty
+        ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=args.memory in ("infinite", "sticky"))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+
+    def schedule(step):  # linear warm-up, then cosine decay to zero at max_steps
+        if step < args.warmup:
+            return (step + 1) / args.warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - args.warmup) / max(1, args.max_steps - args.warmup))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    step, pos, memory, minutes_before = 0, 0, model.body.init_memory(args.batch_size), 0.0
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        step, pos, minutes_before = ckpt["step"], ckpt["pos"][rank], ckpt["minutes"]
+        memory = ckpt["memory"][rank].to(device)
+        set_rng_state(ckpt["rng"][rank])
+        log(f"resumed from {args.resume} at step {step}")
+
+    saved_at = None
+
+    def save(path):
+        """Every rank's memory, stream position and RNG go to rank 0, which writes the file."""
+        nonlocal saved_at
+        saved_at = step
+        state = (memory.to("cpu"), pos, rng_state())
+        states = [None] * world
+        if world > 1:
+            dist.gather_object(state, states if rank == 0 else None, dst=0)
+        else:
+            states = [state]
+        if rank == 0:
+            mem, positions, rngs = zip(*states)
+            atomic_save({"run": run, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "step": step, "pos": list(positions), "memory": list(mem),
+                         "rng": list(rngs), "minutes": minutes_before + (time.time() - start) / 60}, path)
+
+    stop = {"signal": None}  # set by SIGINT/SIGTERM; the loop saves and exits at the next step boundary
+    handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"{args.memory}: {n_params:,} parameters, vocabulary {len(vocab):,}, {world} process(es) × "
+        f"{args.batch_size} streams × {cfg.seg_len} tokens per step, device {device}", flush=True)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    tokens_per_step = args.batch_size * cfg.seg_len * world
+    start = last_log = time.time()
+    first_step, window, last_loss = step, [], None
+    while step < args.max_steps:
+        if pos + 1 >= train_data.size(1):  # end of the streams: a new epoch starts with an empty memory
+            pos, memory = 0, model.body.init_memory(args.batch_size)
+        x = train_data[:, pos:pos + cfg.seg_len]
+        y = train_data[:, pos + 1:pos + 1 + cfg.seg_len]
+        x = x[:, :y.size(1)]
+        with autocast:
+            nll, memory, kl = ddp(x.to(device), y.to(device), memory)
+        loss = nll.mean()
+        opt.zero_grad(set_to_none=True)
+        (loss + kl).backward()
+        nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        opt.step()
+        sched.step()
+        step, pos = step + 1, pos + x.size(1)
+        last_loss = loss.item()
+        window.append(last_loss)
+        elapsed = time.time() - start
+        out_of_time = args.max_minutes is not None and minutes_before + elapsed / 60 >= args.max_minutes
+        flags = torch.tensor([stop["signal"] is not None, out_of_time], dtype=torch.float32, device=device)
+        if world > 1:  # every rank must stop at the same step
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if time.time() - last_log >= args.log_seconds or step == args.max_steps or flags.any():
+            steps_left = args.max_steps - step
+            eta = elapsed / (step - first_step) * steps_left / 60
+            if args.max_minutes is not None:
+                eta = min(eta, args.max_minutes - minutes_before - elapsed / 60)
+            mean = sum(window) / len(window)
+            log(f"step {step}/{args.max_steps} | loss {mean:.3f} | ppl {math.exp(mean):.1f} | "
+                f"lr {sched.get_last_lr()[0]:.2e} | {tokens_per_step * (step - first_step) / elapsed:,.0f} tok/s | "
+                f"ETA {eta:.1f} min", flush=True)
+            window, last_log = [], time.time()
+        if flags[0]:
+            save(ckpt_path)
+            log(f"interrupted at step {step}: saved {ckpt_path}; continue with --resume {ckpt_path}", flush=True)
+            if world > 1:
+                dist.destroy_process_group()
+            sys.exit(128 + stop["signal"])
+        if step % args.save_every == 0 or flags[1]:
+            save(ckpt_path)
+        if flags[1]:
+            log(f"--max-minutes {args.max_minutes} reached at step {step}")
+            break
+    train_seconds = time.time() - start
+    if saved_at != step:
+        save(ckpt_path)  # the final state
+    for s, h in handlers.items():
+        signal.signal(s, h)
+
+    if rank == 0:
+        log(f"evaluating on {len(data['valid']):,} valid and {len(data['test']):,} test tokens ...", flush=True)
+        ppl = {s: perplexity(model, data[s], args.eval_streams, cfg.seg_len, device, autocast) for s in ("valid", "test")}
+        peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+        ran = step - first_step
+        result = {"memory": args.memory, "valid_ppl": round(ppl["valid"], 2), "test_ppl": round(ppl["test"], 2),
+                  "tokens_per_second": round(tokens_per_step * ran / train_seconds) if ran else None,
+                  "peak_memory_mb": round(peak, 1), "minutes": round(minutes_before + (time.time() - start) / 60, 2),
+                  "steps": step, "train_loss": last_loss,
+                  "config": {**run, "device": str(device)}}
+        tmp = os.path.join(args.out, "results.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, os.path.join(args.out, "results.json"))
+        log(f"{args.memory}: valid ppl {ppl['valid']:.2f} | test ppl {ppl['test']:.2f} | "
+            f"results in {os.path.join(args.out, 'results.json')}")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    try:
+        main(args)
+    except UserError as e:
+        print(f"train_lm.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted outside training; checkpoints, if any, are in {args.out}", file=sys.stderr)
+        sys.exit(130)
