@@ -342,6 +342,9 @@ class InfFormer(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False) if cfg.lm_head else None
         self.apply(self._init_weights)  # no weight tying: on the sorting task a tied output layer
         # starts by predicting the symbol it was just fed, and learned far more slowly
+        for block in self.blocks:  # Z_LTM starts at zero: the model begins as Transformer-XL and
+            if block.ltm is not None:  # learns how much to read (on sorting, a seed that otherwise
+                nn.init.zeros_(block.ltm.proj.weight)  # stayed at XL's accuracy learned to use it)
 
     @staticmethod
     def _init_weights(module):

@@ -264,6 +264,9 @@ def test_memory_reach(kind):
     """A change in the first segment: xl forgets it exactly after n_layers segments, compressive
     once its compressed memory has moved on, the long-term memory does not."""
     model = tiny(kind)
+    for block in model.blocks:  # untrained, the LTM's output projection is zero: give it weights
+        if block.ltm is not None:
+            torch.nn.init.normal_(block.ltm.proj.weight, std=0.02)
     tokens = torch.randint(0, 23, (2, 8 * 12))
     a, _ = run_segments(model, tokens)
     tokens[:, :8] = (tokens[:, :8] + 1) % 23

@@ -227,6 +227,14 @@ def set_rng_state(state):
 # -----------------------------------------------------------------------------
 
 
+def device(name):
+    """argparse type for --device: an unknown name becomes a usage error, not a traceback."""
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(name) from e
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="folder with the WikiText train/valid/test files")
@@ -242,7 +250,8 @@ def parse_args(argv=None):
     p.add_argument("--tie", action=argparse.BooleanOptionalAction, default=True,
                    help="share the input embedding with the adaptive softmax (default: on)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--out", default="runs/lm", help="folder for results.json and ckpt.pt (default runs/lm)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every this many steps (default 500)")
     p.add_argument("--resume", help="checkpoint to continue from (the same configuration)")
@@ -258,12 +267,6 @@ def parse_args(argv=None):
             p.error(f"--{key.replace('_', '-')} must be at least 1")
     if not args.lr > 0 or (args.max_minutes is not None and not args.max_minutes > 0):
         p.error("--lr and --max-minutes must be positive")
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        args.device = torch.device(args.device)
-    except RuntimeError as e:
-        p.error(f"--device {args.device}: {e}")
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available on this machine")
     return args

@@ -31,7 +31,7 @@ KINDS = ["xl", "compressive", "infinite", "sticky"]
 
 PRESETS = {
     # A compact model that learns the task on a laptop CPU in minutes per memory kind.
-    "cpu": dict(seq_len=1024, steps=1200, batch_size=16, lr=3e-3, warmup=30, clip=1.0, eval_size=512,
+    "cpu": dict(seq_len=1024, steps=2000, batch_size=16, lr=3e-3, warmup=30, clip=1.0, eval_size=512,
                 model=dict(d_model=64, n_layers=2, n_heads=4, d_ff=256, dropout=0.0, seg_len=128, mem_len=128,
                            num_basis=128, basis_widths=(0.04, 0.2), num_samples=128, tau=0.75,
                            cmem_len=128, compress_rate=8)),
@@ -292,17 +292,26 @@ def plot(results, out):
 # -----------------------------------------------------------------------------
 
 
+def device(name):
+    """argparse type for --device: an unknown name becomes a usage error, not a traceback."""
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(name) from e
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--memory", choices=KINDS + ["all"], default="all", help="memory kind to train (default: all four)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="model and training setting (default: cpu)")
     p.add_argument("--seq-len", type=int, help="sequence length S (preset: cpu 1024, paper 4000)")
-    p.add_argument("--steps", type=int, help="training steps (preset: cpu 1200, paper 20000)")
+    p.add_argument("--steps", type=int, help="training steps (preset: cpu 2000, paper 20000)")
     p.add_argument("--batch-size", type=int, help="sequences per step and process (preset: cpu 16, paper 8)")
     p.add_argument("--lr", type=float, help="peak learning rate (preset: cpu 3e-3, paper 2e-4)")
     p.add_argument("--eval-size", type=int, help="held-out test sequences (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model and the training data (default 0)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--out", default="runs/sort", help="folder for results.json and sort.png (default runs/sort)")
     p.add_argument("--log-seconds", type=float, default=5.0, help="seconds between progress lines (default 5)")
     args = p.parse_args(argv)
@@ -317,12 +326,6 @@ def parse_args(argv=None):
             p.error(f"--{key.replace('_', '-')} must be at least 1")
     if not args.lr > 0:
         p.error("--lr must be positive")
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        args.device = torch.device(args.device)
-    except RuntimeError as e:
-        p.error(f"--device {args.device}: {e}")
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available on this machine")
     return args
