@@ -237,7 +237,6 @@ class Config:
             check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be a positive integer")
         check(isinstance(self.mem_len, int) and self.mem_len >= 0, "mem_len", "must be an integer >= 0")
         check(self.d_model % self.n_heads == 0, "d_model", f"must be divisible by n_heads = {self.n_heads}")
-        check(self.d_model // self.n_heads % 2 == 0, "n_heads", "must leave an even head size (RoPE rotates pairs)")
         check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
         check(0 < self.tau < 1, "tau", "must be in (0, 1)")
         check(len(self.basis_widths) >= 1 and all(w > 0 for w in self.basis_widths), "basis_widths",
@@ -265,9 +264,11 @@ torch.serialization.add_safe_globals([Memory])  # so torch.load(weights_only=Tru
 
 
 def rotate(x, cos, sin):
-    """RoPE: rotate each pair of channels by an angle proportional to its position."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    """RoPE: rotate channel pairs (i, i + h) by angles proportional to the position; with an odd
+    head size the last channel is left as it is (the paper's LM model has 41 channels a head)."""
+    h = cos.size(-1)
+    x1, x2, rest = x[..., :h], x[..., h:2 * h], x[..., 2 * h:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
 
 
 class Block(nn.Module):
@@ -291,7 +292,7 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model))
         self.drop = nn.Dropout(cfg.dropout)
-        inv_freq = 1.0 / 10000 ** (torch.arange(0, self.d_head, 2, dtype=torch.float32) / self.d_head)
+        inv_freq = 1.0 / 10000 ** (torch.arange(0, self.d_head - 1, 2, dtype=torch.float32) / self.d_head)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, x, stm, cmem, ltm):

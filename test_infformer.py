@@ -283,8 +283,21 @@ def test_memory_reach(kind):
         assert (a[11] - b[11]).abs().amax() > 1e-5  # float32 rounding alone stays near 1e-7
 
 
-def test_xl_in_segments_equals_the_whole_sequence_at_once():
-    model = tiny("xl", mem_len=48)
+def test_untrained_infformer_computes_exactly_what_transformer_xl_computes():
+    """Z_LTM starts at zero (its output projection is zero-initialised), so before training the
+    ∞-former and Transformer-XL with the same weights give identical outputs."""
+    infinite, xl = tiny("infinite"), tiny("xl")
+    xl.load_state_dict({k: v for k, v in infinite.state_dict().items() if ".ltm." not in k})
+    tokens = torch.randint(0, 23, (2, 48))
+    a, memory = run_segments(infinite, tokens)
+    b, _ = run_segments(xl, tokens)
+    assert memory.ltm[0].shape[1] == 16  # the LTM was written and read
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("d_model,n_heads", [(32, 4), (30, 2)])  # head sizes 8 and 15 (odd: RoPE leaves one channel)
+def test_xl_in_segments_equals_the_whole_sequence_at_once(d_model, n_heads):
+    model = tiny("xl", mem_len=48, d_model=d_model, n_heads=n_heads)
     tokens = torch.randint(0, 23, (3, 48))
     outs, _ = run_segments(model, tokens)
     with torch.no_grad():

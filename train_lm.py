@@ -365,6 +365,7 @@ def main(args):
         (loss + kl).backward()
         nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
+        lr = sched.get_last_lr()[0]  # the rate this step used
         sched.step()
         step, pos = step + 1, pos + x.size(1)
         last_loss = loss.item()
@@ -381,7 +382,7 @@ def main(args):
                 eta = min(eta, args.max_minutes - minutes_before - elapsed / 60)
             mean = sum(window) / len(window)
             log(f"step {step}/{args.max_steps} | loss {mean:.3f} | ppl {math.exp(mean):.1f} | "
-                f"lr {sched.get_last_lr()[0]:.2e} | {tokens_per_step * (step - first_step) / elapsed:,.0f} tok/s | "
+                f"lr {lr:.2e} | {tokens_per_step * (step - first_step) / elapsed:,.0f} tok/s | "
                 f"ETA {eta:.1f} min", flush=True)
             window, last_log = [], time.time()
         if flags[0]:
