@@ -22,6 +22,7 @@ Choices where the authors' code departs from the paper, or says nothing:
     raw, not layer-normalised: normalised vectors are large from the first step, and on the
     sorting task their average held training on its plateau for the whole run.
   - Sticky sampling draws a real uniform offset inside each histogram bin.
+  - The LTM's output projection starts at zero: untrained, the ∞-former is Transformer-XL.
 """
 import math
 from dataclasses import dataclass
@@ -89,7 +90,8 @@ class ContinuousAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_heads, self.d_head = cfg.n_heads, cfg.d_model // cfg.n_heads
-        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)  # K = B W_K, V = B W_V
+        self.k = nn.Linear(cfg.d_model, cfg.d_model, bias=False)  # K = B W_K
+        self.v = nn.Linear(cfg.d_model, cfg.d_model, bias=False)  # V = B W_V
         self.w_mu_var = nn.Linear(cfg.num_basis, 2)  # rows w_μ and w_σ, shared by the heads (as the authors do)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         centers, widths = basis_functions(cfg.num_basis, cfg.basis_widths)
@@ -99,13 +101,15 @@ class ContinuousAttention(nn.Module):
     def forward(self, q, coeffs):
         """q (B, H, T, dh) queries; coeffs (B, N, d) the memory's B. Returns Z_LTM (B, T, d), μ, σ²."""
         B, H, T, dh = q.shape
-        k, v = self.kv(coeffs).view(B, -1, 2, H, dh).permute(2, 0, 3, 1, 4)  # each (B, H, N, dh)
+        v = self.v(coeffs).view(B, -1, H, dh).transpose(1, 2)  # (B, H, N, dh)
         dtype = self.centers.dtype  # float32 (or float64) even under bf16 autocast
         with torch.autocast(q.device.type, enabled=False):
             # The scores s = K q / √dh (one per basis function) enter only through w_μᵀ s and
-            # w_σᵀ s, which are linear: w_μᵀ K q = (Kᵀ w_μ)ᵀ q. Folding w_μ, w_σ into the keys
-            # first gives the same numbers without ever forming the (T × N) score matrix.
-            k_mu_var = self.w_mu_var.weight.to(dtype) @ k.to(dtype)  # (B, H, 2, dh)
+            # w_σᵀ s, which are linear: w_μᵀ K q = (Kᵀ w_μ)ᵀ q, and Kᵀ w_μ = W_Kᵀ Bᵀ w_μ. Folding
+            # w_μ, w_σ into the coefficients first gives the same numbers without forming K or
+            # the (T × N) score matrix.
+            folded = self.w_mu_var.weight.to(dtype) @ coeffs.to(dtype)  # [w_μ; w_σ]ᵀ B   (B, 2, d)
+            k_mu_var = self.k(folded).view(B, 2, H, dh).transpose(1, 2)  # (B, H, 2, dh)
             logits = q.to(dtype) @ k_mu_var.transpose(-2, -1) / math.sqrt(dh) + self.w_mu_var.bias  # (B, H, T, 2)
             mu = torch.sigmoid(logits[..., 0])  # μ = sigmoid(w_μᵀ s)   (B, H, T)
             var = F.softplus(logits[..., 1]).clamp_min(VAR_MIN)  # σ² = softplus(w_σᵀ s)

@@ -94,15 +94,15 @@ def test_gaussian_expectation_gradcheck():
 
 
 def test_continuous_attention_matches_the_papers_formula():
-    """The module folds w_μ, w_σ into the keys; compare with scores computed the paper's way."""
+    """The module folds w_μ, w_σ into the coefficients; compare with scores computed the paper's way."""
     torch.manual_seed(0)
     cfg = Config(d_model=16, n_heads=2, num_basis=8, basis_widths=(0.1, 0.3))
     att = ContinuousAttention(cfg).double()
     q = torch.randn(3, 2, 5, 8, dtype=torch.float64)
     coeffs = torch.randn(3, 8, 16, dtype=torch.float64)
     z, mu, var = att(q, coeffs)
-    K = (coeffs @ att.kv.weight[:16].T).view(3, 8, 2, 8).transpose(1, 2)  # (B, H, N, dh)
-    V = (coeffs @ att.kv.weight[16:].T).view(3, 8, 2, 8).transpose(1, 2)
+    K = (coeffs @ att.k.weight.T).view(3, 8, 2, 8).transpose(1, 2)  # (B, H, N, dh)
+    V = (coeffs @ att.v.weight.T).view(3, 8, 2, 8).transpose(1, 2)
     s = q @ K.transpose(-2, -1) / math.sqrt(8)  # scores, one per basis function  (B, H, T, N)
     w, b = att.w_mu_var.weight, att.w_mu_var.bias
     mu_ref = torch.sigmoid(s @ w[0] + b[0])

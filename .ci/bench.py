@@ -50,7 +50,7 @@ def time_steps(kind, n, batch=8):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=60, help="timed steps per memory kind, after 5 warm-up steps")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median step of each is kept")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median step of each is kept")
     p.add_argument("--long", action="store_true", help="also time 1,000 segments of 'infinite'")
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count())
