@@ -89,7 +89,6 @@ class ContinuousAttention(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_heads, self.d_head = cfg.n_heads, cfg.d_model // cfg.n_heads
         self.k = nn.Linear(cfg.d_model, cfg.d_model, bias=False)  # K = B W_K
         self.v = nn.Linear(cfg.d_model, cfg.d_model, bias=False)  # V = B W_V
         self.w_mu_var = nn.Linear(cfg.num_basis, 2)  # rows w_μ and w_σ, shared by the heads (as the authors do)

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from infformer import Config, InfFormer, Memory
+from infformer import Config, InfFormer
 
 SPLITS = ("train", "valid", "test")
 CACHE_VERSION = 1
