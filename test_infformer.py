@@ -330,6 +330,24 @@ def test_compressed_memory_is_the_mean_of_evicted_states():
     torch.testing.assert_close(memory.stm[0], x0[:, 32:])
 
 
+def test_the_ltm_holds_the_ridge_fit_of_the_normalised_evicted_inputs():
+    """After two segments, the first one has fallen out of the STM: layer 0's LTM must be the
+    float64 ridge fit (F Fᵀ + λI)⁻¹ F X of those layer inputs, layer-normalised."""
+    model = tiny("infinite")
+    with torch.no_grad():  # give the LayerNorm a gain and bias, so that its use is visible
+        model.blocks[0].ln1.weight.uniform_(0.5, 1.5), model.blocks[0].ln1.bias.uniform_(-0.5, 0.5)
+    tokens = torch.randint(0, 23, (2, 16))
+    _, memory = run_segments(model, tokens)
+    x = model.tok_emb(tokens[:, :8]).detach().double().numpy()  # layer 0's inputs: the embeddings
+    g, b = (p.detach().double().numpy() for p in (model.blocks[0].ln1.weight, model.blocks[0].ln1.bias))
+    x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * g + b
+    c, w = (np.linspace(0, 1, 8).repeat(2), np.tile([0.05, 0.2], 8))  # 8 centres × 2 widths
+    t = (np.arange(8) + 0.5) / 8
+    F = np.exp(-0.5 * ((t[None] - c[:, None]) / w[:, None]) ** 2) / (w[:, None] * np.sqrt(2 * np.pi))  # (N, L)
+    expected = np.linalg.solve(F @ F.T + np.eye(16), F @ x)  # (2, N, d)
+    np.testing.assert_allclose(memory.ltm[0].numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_memory_kind_overfits_a_tiny_batch(kind):
     model = tiny(kind).train()

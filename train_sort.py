@@ -31,7 +31,7 @@ KINDS = ["xl", "compressive", "infinite", "sticky"]
 
 PRESETS = {
     # A compact model that learns the task on a laptop CPU in minutes per memory kind.
-    "cpu": dict(seq_len=1024, steps=2000, batch_size=16, lr=3e-3, warmup=30, clip=1.0, eval_size=512,
+    "cpu": dict(seq_len=1024, steps=2500, batch_size=16, lr=3e-3, warmup=30, clip=1.0, eval_size=512,
                 model=dict(d_model=64, n_layers=2, n_heads=4, d_ff=256, dropout=0.0, seg_len=128, mem_len=128,
                            num_basis=128, basis_widths=(0.04, 0.2), num_samples=128, tau=0.75,
                            cmem_len=128, compress_rate=8)),
@@ -305,7 +305,7 @@ def parse_args(argv=None):
     p.add_argument("--memory", choices=KINDS + ["all"], default="all", help="memory kind to train (default: all four)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="model and training setting (default: cpu)")
     p.add_argument("--seq-len", type=int, help="sequence length S (preset: cpu 1024, paper 4000)")
-    p.add_argument("--steps", type=int, help="training steps (preset: cpu 2000, paper 20000)")
+    p.add_argument("--steps", type=int, help="training steps (preset: cpu 2500, paper 20000)")
     p.add_argument("--batch-size", type=int, help="sequences per step and process (preset: cpu 16, paper 8)")
     p.add_argument("--lr", type=float, help="peak learning rate (preset: cpu 3e-3, paper 2e-4)")
     p.add_argument("--eval-size", type=int, help="held-out test sequences (default 512)")
