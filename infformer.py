@@ -19,13 +19,11 @@ Choices where the authors' code departs from the paper, or says nothing:
     has its own key, value and output projections.
   - The LTM stores the layer inputs that fall out of the short-term memory (as the authors'
     sorting model does), so the two memories never hold the same positions. They are stored
-    layer-normalised, as the short-term attention saw them: in the authors' post-LN
-    Transformer-XL every layer input is normalised already, while our pre-LN residual stream
-    starts near 0.02 per channel. Stored raw, the ∞-former beat Transformer-XL on sorting by
-    20 points with one seed in three, and by at most 8 with the other two.
+    layer-normalised, as the short-term attention saw them: the authors' post-LN
+    Transformer-XL stores normalised inputs, while our pre-LN residual stream starts near
+    0.02 per channel, too faint for the reads to be learned reliably (README, "Sorting").
   - Sticky sampling draws a real uniform offset inside each histogram bin.
-  - The LTM's output projection starts at zero: untrained, the ∞-former is Transformer-XL,
-    and normalised memories add nothing until the model learns to read them.
+  - The LTM's output projection starts at zero: untrained, the ∞-former is Transformer-XL.
 """
 import math
 from dataclasses import dataclass
@@ -386,8 +384,8 @@ class InfFormer(nn.Module):
                 pooled = F.avg_pool1d(evicted.transpose(1, 2), cfg.compress_rate, ceil_mode=True).transpose(1, 2)
                 cmem = torch.cat([cmem, pooled], dim=1)[:, -cfg.cmem_len:]
             new.cmem.append(cmem)
-            if self.write_ltm is not None and n_evict > 0:  # the evicted states go to the LTM, normalised
-                with torch.no_grad():  # as the short-term attention saw them (its keys and values)
+            if self.write_ltm is not None and n_evict > 0:  # the evicted states go to the LTM,
+                with torch.no_grad():  # normalised as the STM attention saw them; no graph needed
                     ltm = self.write_ltm(ltm, block.ln1(evicted), *((mu, var) if cfg.memory == "sticky" else ()))
             new.ltm.append(ltm)
         x = self.ln_f(x)
