@@ -17,6 +17,8 @@ Choices where the authors' code departs from the paper, or says nothing:
   - No sigmoid/Conv1d gate on the LTM input: the paper has none.
   - The LTM reuses the short-term attention's query projection (as the authors do), but
     has its own key, value and output projections.
+  - w_μ and w_σ have a bias each (the authors' have none); w_σ's starts σ at SIGMA_INIT = 0.25
+    instead of about 0.83. The KL term is averaged over layers (the authors sum it).
   - The LTM stores the layer inputs that fall out of the short-term memory (as the authors'
     sorting model does), so the two memories never hold the same positions. They are stored
     layer-normalised, as the short-term attention saw them: the authors' post-LN
@@ -24,6 +26,11 @@ Choices where the authors' code departs from the paper, or says nothing:
     0.02 per channel, too faint for the reads to be learned reliably (README, "Sorting").
   - Sticky sampling draws a real uniform offset inside each histogram bin.
   - The LTM's output projection starts at zero: untrained, the ∞-former is Transformer-XL.
+  - The Transformer-XL is pre-LayerNorm with RoPE (Transformer-XL: post-LN, relative
+    position encoding), GELU (ReLU) and attention-probability dropout equal to `dropout`
+    (Transformer-XL base on WikiText-103: none).
+
+Notation: B is the paper's N × d coefficient matrix; `bs` is the batch size in shape comments.
 """
 import math
 from dataclasses import dataclass
@@ -38,7 +45,13 @@ import torch.nn.functional as F
 
 
 def basis_functions(num_basis, widths=(0.01, 0.05), dtype=torch.float32):
-    """Centres evenly spaced on [0, 1], each paired with every width: (centers, widths), each (N,)."""
+    """Centres evenly spaced on [0, 1], each paired with every width: (centers, widths), each (N,).
+
+    The widths should scale with the spacing of the centres, 1 / (N / len(widths) - 1): the
+    default (0.01, 0.05), the authors', suits their N = 512 (spacing 0.004); with Config's
+    N = 64 (spacing 0.03) such narrow Gaussians leave gaps between centres, so Config uses
+    (0.04, 0.2), about 1.2 and 6 spacings.
+    """
     n_centers = num_basis // len(widths)
     grid = torch.linspace(0, 1, n_centers, dtype=dtype), torch.tensor(widths, dtype=dtype)
     centers, widths = torch.meshgrid(*grid, indexing="ij")
@@ -83,9 +96,27 @@ def gaussian_expectation(mu, var, centers, widths):
 
 
 VAR_MIN = 1e-4  # σ² floor: softplus can reach 0, and a zero-width Gaussian has an infinite KL and density
+SIGMA_INIT = 0.25  # σ at initialisation: N(0.5, 0.25²) puts 95% of its mass inside the memory's [0, 1]
 
 
-class ContinuousAttention(nn.Module):
+class Float32Constants(nn.Module):
+    """A module whose buffers are the method's constants (basis, ridge matrices, RoPE frequencies).
+
+    .to(dtype), .half() and .bfloat16() move them to the new device but never below float32:
+    a bf16 ridge matrix alone puts about 1% of error into every fit. .double() still upgrades them.
+    """
+
+    def _apply(self, fn, recurse=True):  # what .to(), .cuda(), .half(), ... call on every module
+        kept = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if torch.finfo(new.dtype).bits < 32:
+                self._buffers[name] = old.to(new.device)
+        return self
+
+
+class ContinuousAttention(Float32Constants):
     """Multi-head attention of the current queries over the long-term memory's signal."""
 
     def __init__(self, cfg):
@@ -99,23 +130,29 @@ class ContinuousAttention(nn.Module):
         self.register_buffer("widths", widths, persistent=False)
 
     def forward(self, q, coeffs):
-        """q (B, H, T, dh) queries; coeffs (B, N, d) the memory's B. Returns Z_LTM (B, T, d), μ, σ²."""
-        B, H, T, dh = q.shape
-        v = self.v(coeffs).view(B, -1, H, dh).transpose(1, 2)  # (B, H, N, dh)
-        dtype = self.centers.dtype  # float32 (or float64) even under bf16 autocast
-        with torch.autocast(q.device.type, enabled=False):
+        """q (bs, H, T, dh) queries; coeffs (bs, N, d) the memory's coefficients B.
+
+        Returns Z_LTM (bs, T, d), and μ, σ² (bs, H, T) in float32 (or better).
+        """
+        bs, H, T, dh = q.shape
+        dtype = self.centers.dtype  # float32 or better, whatever the model's dtype or autocast
+        with torch.autocast(q.device.type, enabled=False):  # μ, σ² and E_p[ψ] in that dtype
+            q, coeffs = q.to(dtype), coeffs.to(dtype)
             # The scores s = K q / √dh (one per basis function) enter only through w_μᵀ s and
             # w_σᵀ s, which are linear: w_μᵀ K q = (Kᵀ w_μ)ᵀ q, and Kᵀ w_μ = W_Kᵀ Bᵀ w_μ. Folding
             # w_μ, w_σ into the coefficients first gives the same numbers without forming K or
             # the (T × N) score matrix.
-            folded = self.w_mu_var.weight.to(dtype) @ coeffs.to(dtype)  # [w_μ; w_σ]ᵀ B   (B, 2, d)
-            k_mu_var = self.k(folded).view(B, 2, H, dh).transpose(1, 2)  # (B, H, 2, dh)
-            logits = q.to(dtype) @ k_mu_var.transpose(-2, -1) / math.sqrt(dh) + self.w_mu_var.bias  # (B, H, T, 2)
-            mu = torch.sigmoid(logits[..., 0])  # μ = sigmoid(w_μᵀ s)   (B, H, T)
+            folded = self.w_mu_var.weight.to(dtype) @ coeffs  # [w_μ; w_σ]ᵀ B   (bs, 2, d)
+            k_mu_var = F.linear(folded, self.k.weight.to(dtype)).view(bs, 2, H, dh).transpose(1, 2)  # (bs, H, 2, dh)
+            logits = q @ k_mu_var.transpose(-2, -1) / math.sqrt(dh) + self.w_mu_var.bias.to(dtype)  # (bs, H, T, 2)
+            mu = torch.sigmoid(logits[..., 0])  # μ = sigmoid(w_μᵀ s)   (bs, H, T)
             var = F.softplus(logits[..., 1]).clamp_min(VAR_MIN)  # σ² = softplus(w_σᵀ s)
-            r = gaussian_expectation(mu, var, self.centers, self.widths)  # E_p[ψ]  (B, H, T, N)
-            z = r @ v.to(dtype)  # Vᵀ E_p[ψ] per query  (B, H, T, dh)
-        return self.proj(z.transpose(1, 2).reshape(B, T, H * dh)), mu, var
+            r = gaussian_expectation(mu, var, self.centers, self.widths)  # E_p[ψ]  (bs, H, T, N)
+        # The value read and the output projection are ordinary linear maps: they run in the
+        # model's dtype (bf16 under autocast), like the short-term attention's.
+        v = self.v(coeffs.to(self.v.weight.dtype)).view(bs, -1, H, dh).transpose(1, 2)  # (bs, H, N, dh)
+        z = r.to(v.dtype) @ v  # Vᵀ E_p[ψ] per query  (bs, H, T, dh)
+        return self.proj(z.transpose(1, 2).reshape(bs, T, H * dh)), mu, var
 
 
 def gaussian_kl(var, sigma_0):
@@ -131,7 +168,7 @@ def gaussian_kl(var, sigma_0):
 #    longer past at the fixed cost of N×d numbers, the oldest part at the lowest resolution.
 
 
-class UnboundedMemory(nn.Module):
+class UnboundedMemory(Float32Constants):
     """Writes vectors into the long-term memory: B_new = Gᵀ [x_old(s_1..s_M); X_new].
 
     Everything that depends only on the configuration is a buffer, computed once in float64.
@@ -154,15 +191,18 @@ class UnboundedMemory(nn.Module):
         return ridge_matrix(midpoints(L), *self.basis64, self.cfg.ridge).float()
 
     def _update_matrix(self, L):  # M old samples at τ·i/M, then L new vectors in (τ, 1]
+        # The paper's samples s_i = i/M, i = 1..M, end at the newest point of the old signal and land
+        # at τ·i/M, ending exactly where the new vectors begin. Each new vector stands for its own
+        # cell of (τ, 1] and sits at the cell's midpoint, as in the first write.
         M, tau = self.cfg.num_samples, self.cfg.tau
         t = torch.cat([tau * torch.arange(1, M + 1, dtype=torch.float64) / M, midpoints(L, tau, 1.0)])
         return ridge_matrix(t, *self.basis64, self.cfg.ridge).float()
 
     @torch.no_grad()  # the stored coefficients are detached: no gradient flows across segments
     def forward(self, coeffs, x_new, mu=None, var=None):
-        """coeffs (B, N, d), or (B, 0, d) when empty; x_new (B, L, d); μ, σ² of the last read for sticky.
+        """coeffs (bs, N, d), or (bs, 0, d) when empty; x_new (bs, L, d); μ, σ² of the last read for sticky.
 
-        Returns the new coefficients (B, N, d).
+        Returns the new coefficients (bs, N, d).
         """
         L, M = x_new.size(1), self.cfg.num_samples
         with torch.autocast(x_new.device.type, enabled=False):  # float32 (or better) even under autocast
@@ -172,10 +212,10 @@ class UnboundedMemory(nn.Module):
                 return G.T @ x_new  # B = Gᵀ X
             G = self.G_update if L == self.cfg.seg_len else self._update_matrix(L).to(x_new)
             if mu is None:  # uniform: x_old(i/M)
-                x_old = self.psi_uniform @ coeffs  # (B, M, d)
+                x_old = self.psi_uniform @ coeffs  # (bs, M, d)
             else:  # sticky: x_old at positions drawn where attention went
-                s = sticky_positions(mu.to(x_new), var.to(x_new), self.cfg.sticky_bins, M)  # (B, M)
-                x_old = basis_at(s, self.centers, self.widths) @ coeffs  # (B, M, d)
+                s = sticky_positions(mu.to(x_new), var.to(x_new), self.cfg.sticky_bins, M)  # (bs, M)
+                x_old = basis_at(s, self.centers, self.widths) @ coeffs  # (bs, M, d)
             return G[:M].T @ x_old + G[M:].T @ x_new  # Bᵀ = [X_old; X_new]ᵀ G
 
 
@@ -188,15 +228,15 @@ class UnboundedMemory(nn.Module):
 def sticky_positions(mu, var, num_bins, num_samples):
     """M sorted positions in [0, 1] per batch element, drawn from the histogram of N(μ, σ²).
 
-    mu, var (B, ...): every density of the last read. Bin b of [0, 1] gets the mass
+    mu, var (bs, ...): every density of the last read. Bin b of [0, 1] gets the mass
     Σ_heads,queries Φ((e_{b+1} − μ)/σ) − Φ((e_b − μ)/σ); a bin is drawn from the normalised
     histogram, then a uniform offset inside it.
     """
     edges = torch.linspace(0, 1, num_bins + 1, device=mu.device, dtype=mu.dtype)
     z = (edges - mu.flatten(1).unsqueeze(-1)) / torch.sqrt(2 * var.flatten(1).unsqueeze(-1))
-    cdf = 0.5 * (1 + torch.erf(z))  # Φ at every edge, for every density  (B, H*T, D+1)
-    mass = cdf.diff(dim=-1).sum(1)  # (B, D)
-    bins = torch.multinomial(mass, num_samples, replacement=True)  # (B, M)
+    cdf = 0.5 * (1 + torch.erf(z))  # Φ at every edge, for every density  (bs, H*T, D+1)
+    mass = cdf.diff(dim=-1).sum(1)  # (bs, D)
+    bins = torch.multinomial(mass, num_samples, replacement=True)  # (bs, M)
     positions = (bins + torch.rand(bins.shape, device=mu.device, dtype=mu.dtype)) / num_bins
     return positions.sort(-1).values
 
@@ -256,9 +296,9 @@ class Config:
 class Memory:
     """What one segment hands to the next, one detached tensor per layer in each list."""
 
-    stm: list  # (B, m, d), m <= mem_len: the last layer inputs
-    cmem: list  # (B, c, d), c <= cmem_len: compressed evicted layer inputs ("compressive")
-    ltm: list  # (B, N, d): long-term memory coefficients B; (B, 0, d) before the first write
+    stm: list  # (bs, m, d), m <= mem_len: the last layer inputs
+    cmem: list  # (bs, c, d), c <= cmem_len: compressed evicted layer inputs ("compressive")
+    ltm: list  # (bs, N, d): long-term memory coefficients B; (bs, 0, d) before the first write
 
     def to(self, *args, **kwargs):
         return Memory(*[[t.to(*args, **kwargs) for t in ts] for ts in (self.stm, self.cmem, self.ltm)])
@@ -272,10 +312,10 @@ def rotate(x, cos, sin):
     head size the last channel is left as it is (the paper's LM model has 41 channels a head)."""
     h = cos.size(-1)
     x1, x2, rest = x[..., :h], x[..., h:2 * h], x[..., 2 * h:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1).to(x.dtype)
 
 
-class Block(nn.Module):
+class Block(Float32Constants):
     """One layer: Z = Z_STM + Z_LTM, then the feed-forward network, both pre-LayerNorm residual.
 
     Short-term attention sees [compressed memory; short-term memory; segment] under a causal
@@ -300,22 +340,22 @@ class Block(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, x, stm, cmem, ltm):
-        """x (B, T, d); stm (B, m, d); cmem (B, c, d); ltm (B, N, d) or (B, 0, d).
+        """x (bs, T, d); stm (bs, m, d); cmem (bs, c, d); ltm (bs, N, d) or (bs, 0, d).
 
-        Returns the layer output (B, T, d) and the LTM read's μ, σ² (B, H, T), or None.
+        Returns the layer output (bs, T, d) and the LTM read's μ, σ² (bs, H, T), or None.
         """
-        B, T, d = x.shape
+        bs, T, d = x.shape
         H, dh = self.n_heads, self.d_head
-        h = self.ln1(torch.cat([cmem, stm, x], dim=1))  # the window  (B, W, d)
+        h = self.ln1(torch.cat([cmem, stm, x], dim=1))  # the window  (bs, W, d)
         W = h.size(1)
-        q = self.q(h[:, -T:]).view(B, T, H, dh).transpose(1, 2)  # (B, H, T, dh)
-        k, v = self.kv(h).view(B, W, 2, H, dh).permute(2, 0, 3, 1, 4)  # each (B, H, W, dh)
+        q = self.q(h[:, -T:]).view(bs, T, H, dh).transpose(1, 2)  # (bs, H, T, dh)
+        k, v = self.kv(h).view(bs, W, 2, H, dh).permute(2, 0, 3, 1, 4)  # each (bs, H, W, dh)
         angles = torch.outer(torch.arange(W, device=x.device, dtype=self.inv_freq.dtype), self.inv_freq)  # (W, dh/2)
         cos, sin = angles.cos(), angles.sin()
         causal = torch.ones(T, W, dtype=torch.bool, device=x.device).tril(W - T)  # query i sees keys <= W-T+i
         z = F.scaled_dot_product_attention(rotate(q, cos[-T:], sin[-T:]), rotate(k, cos, sin), v,
                                            attn_mask=causal, dropout_p=self.dropout if self.training else 0.0)
-        y = self.proj(z.transpose(1, 2).reshape(B, T, d))  # Z_STM
+        y = self.proj(z.transpose(1, 2).reshape(bs, T, d))  # Z_STM
         mu = var = None
         if self.ltm is not None and ltm.size(1) > 0:
             z_ltm, mu, var = self.ltm(q, ltm)  # the LTM has no positions: position is t
@@ -329,11 +369,17 @@ class InfFormer(nn.Module):
     """The ∞-former, or its Transformer-XL / Compressive Transformer baselines (Config.memory).
 
     model(tokens, memory) -> (output, new_memory, kl):
-      tokens (B, T) ids; memory from init_memory() or the previous call (None: a fresh one);
-      output (B, T, vocab_size) logits, or the final hidden states (B, T, d_model) when
+      tokens (bs, T) ids; memory from init_memory(bs) or the previous call (None: a fresh one);
+      output (bs, T, vocab_size) logits, or the final hidden states (bs, T, d_model) when
       cfg.lm_head is False and the caller supplies its own output layer;
       new_memory to pass to the next segment (detached);
       kl the KL regulariser already weighted by cfg.kl_weight: add it to the loss (0 without LTM).
+
+    The memory holds one row per stream of the batch, and a reset (init_memory) is batch-wide.
+    When the LTM is first used: with seg_len = mem_len, segment 1 only fills the STM; segment 2
+    evicts segment 1's layer inputs, which are written to the LTM at the end of segment 2's
+    forward pass; segment 3 is the first to read the LTM. Sticky sampling draws from torch's
+    global RNG, in eval() too: seed it (torch.manual_seed) for reproducible evaluation.
     """
 
     def __init__(self, cfg):
@@ -350,6 +396,9 @@ class InfFormer(nn.Module):
         for block in self.blocks:  # Z_LTM starts at zero: the model begins as Transformer-XL and
             if block.ltm is not None:  # learns how much to read, instead of starting with the
                 nn.init.zeros_(block.ltm.proj.weight)  # full-size average of normalised memories
+                # σ² = softplus(w_σᵀ s + b) starts at SIGMA_INIT², not softplus(0) (σ ≈ 0.83, half of every
+                # density beyond [0, 1], where it reads the fit's fall to zero and μ barely matters).
+                nn.init.constant_(block.ltm.w_mu_var.bias[1:], math.log(math.expm1(SIGMA_INIT**2)))
 
     @staticmethod
     def _init_weights(module):
@@ -367,7 +416,10 @@ class InfFormer(nn.Module):
     def forward(self, tokens, memory=None):
         cfg = self.cfg
         memory = self.init_memory(tokens.size(0)) if memory is None else memory
-        x = self.drop(self.tok_emb(tokens))  # (B, T, d)
+        if memory.stm[0].size(0) != tokens.size(0):
+            raise ValueError(f"the memory holds {memory.stm[0].size(0)} streams but tokens has {tokens.size(0)}: "
+                             f"start a new batch size with model.init_memory({tokens.size(0)})")
+        x = self.drop(self.tok_emb(tokens))  # (bs, T, d)
         new = Memory([], [], [])
         kl = x.new_zeros(())
         for block, stm, cmem, ltm in zip(self.blocks, memory.stm, memory.cmem, memory.ltm):
@@ -376,7 +428,7 @@ class InfFormer(nn.Module):
             if var is not None:
                 kl = kl + gaussian_kl(var, cfg.sigma_0).mean() / cfg.n_layers
             # Short-term memory: keep the last mem_len layer inputs; older ones are evicted.
-            window = torch.cat([stm, x_in], dim=1)  # (B, m+T, d)
+            window = torch.cat([stm, x_in], dim=1)  # (bs, m+T, d)
             n_evict = max(0, window.size(1) - cfg.mem_len)
             evicted = window[:, :n_evict]
             new.stm.append(window[:, n_evict:])

@@ -11,6 +11,10 @@ Word-level language modelling on WikiText-103 with memories carried across segme
 token ids are cached beside the data (or under --out if that folder is read-only) and
 rebuilt when the files change. The run ends with the valid and test perplexity over the
 whole streams, memory carried, and writes results.json and a checkpoint under --out.
+
+Where the output layer departs from Transformer-XL's: PyTorch's nn.AdaptiveLogSoftmaxWithLoss
+gives each tail cluster a projection of its own (d -> d / 4^i, d with --tie) and has no output
+biases; Transformer-XL's has biases and, with div_val 1, shares the projections.
 """
 import argparse
 import array
@@ -133,8 +137,10 @@ def batchify(ids, n_streams):
 
 
 def scaled_cutoffs(vocab_size):
-    """WikiText-103's cutoffs [20000, 40000, 200000] (of 267,736 words), scaled to this vocabulary."""
-    cutoffs = sorted({round(c * vocab_size / 267_736) for c in (20_000, 40_000, 200_000)})
+    """Transformer-XL's WikiText-103 cutoffs [20000, 40000, 200000] (of its 267,735 words), exactly
+    for a vocabulary that large (ours adds <eos> to the file's words) and scaled down for a smaller one."""
+    scale = min(1.0, vocab_size / 267_735)
+    cutoffs = sorted({round(c * scale) for c in (20_000, 40_000, 200_000)})
     return [c for c in cutoffs if 0 < c < vocab_size] or [max(1, vocab_size // 2)]
 
 
@@ -164,7 +170,8 @@ class LanguageModel(nn.Module):
     def forward(self, tokens, targets, memory):
         """Per-token negative log-likelihood (B, T), the new memory and the weighted KL term."""
         hidden, memory, kl = self.body(tokens, memory)
-        log_prob = self.softmax(hidden.flatten(0, 1).float(), targets.flatten()).output  # log p(target)
+        with torch.autocast(hidden.device.type, enabled=False):  # the output layer in float32, even under bf16
+            log_prob = self.softmax(hidden.flatten(0, 1).float(), targets.flatten()).output  # log p(target)
         return -log_prob.view(targets.shape), memory, kl
 
 
@@ -175,7 +182,14 @@ class LanguageModel(nn.Module):
 @torch.no_grad()
 def perplexity(model, ids, n_streams, seg_len, device, autocast):
     """exp(token-weighted mean NLL) over every token of the split, memory carried along each stream.
-    The stream is cut into n_streams pieces; the last is padded and the padding masked out."""
+    The stream is cut into n_streams pieces; the last is padded and the padding masked out.
+    Sticky sampling draws from a fixed seed here, and the training RNG is left as it was."""
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(0)
+        return _perplexity(model, ids, n_streams, seg_len, device, autocast)
+
+
+def _perplexity(model, ids, n_streams, seg_len, device, autocast):
     model.eval()
     inputs, targets = ids[:-1].long(), ids[1:].long()
     n = len(targets)
@@ -249,11 +263,15 @@ def parse_args(argv=None):
     p.add_argument("--eval-streams", type=int, default=10, help="streams the valid/test text is cut into (default 10)")
     p.add_argument("--tie", action=argparse.BooleanOptionalAction, default=True,
                    help="share the input embedding with the adaptive softmax (default: on)")
+    p.add_argument("--dtype", choices=["float32", "bf16"], help="bf16: autocast, with the method's math and the "
+                   "output layer in float32 (default: bf16 on CUDA, float32 on CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--out", default="runs/lm", help="folder for results.json and ckpt.pt (default runs/lm)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every this many steps (default 500)")
+    p.add_argument("--eval-every", type=int, help="valid perplexity every this many steps (and at the end); the "
+                   "best weights go to best.pt and are the ones evaluated at the end (default: only the last)")
     p.add_argument("--resume", help="checkpoint to continue from (the same configuration)")
     p.add_argument("--log-seconds", type=float, default=5.0, help="seconds between progress lines (default 5)")
     args = p.parse_args(argv)
@@ -262,13 +280,14 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
     args.warmup, args.clip, args.model = min(preset["warmup"], args.max_steps), preset["clip"], preset["model"]
-    for key in ("batch_size", "max_steps", "eval_streams", "save_every"):
-        if getattr(args, key) < 1:
+    for key in ("batch_size", "max_steps", "eval_streams", "save_every", "eval_every"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
     if not args.lr > 0 or (args.max_minutes is not None and not args.max_minutes > 0):
         p.error("--lr and --max-minutes must be positive")
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available on this machine")
+    args.dtype = args.dtype or ("bf16" if args.device.type == "cuda" else "float32")
     return args
 
 
@@ -303,8 +322,9 @@ def main(args):
     torch.manual_seed(args.seed + rank)
     model = LanguageModel(cfg, args.tie).to(device)
     ddp = model
-    if world > 1:  # the LTM's parameters are unused while its memory is still empty
-        ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=args.memory in ("infinite", "sticky"))
+    if world > 1:  # some parameters get no gradient in a step: the adaptive softmax skips a tail cluster
+        # when no target of the batch falls in it, and the LTM is unused while its memory is empty
+        ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
 
     def schedule(step):  # linear warm-up, then cosine decay to zero at max_steps
@@ -313,8 +333,9 @@ def main(args):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - args.warmup) / max(1, args.max_steps - args.warmup))))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     step, pos, memory, minutes_before = 0, 0, model.body.init_memory(args.batch_size), 0.0
+    history = []  # (step, valid perplexity) of every --eval-every evaluation
     if ckpt:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -322,9 +343,10 @@ def main(args):
         step, pos, minutes_before = ckpt["step"], ckpt["pos"][rank], ckpt["minutes"]
         memory = ckpt["memory"][rank].to(device)
         set_rng_state(ckpt["rng"][rank])
+        history = ckpt["history"]
         log(f"resumed from {args.resume} at step {step}")
 
-    saved_at = None
+    saved_at, eval_seconds = None, 0.0  # eval_seconds: time spent validating, kept out of tokens/s
 
     def save(path):
         """Every rank's memory, stream position and RNG go to rank 0, which writes the file."""
@@ -340,7 +362,25 @@ def main(args):
             mem, positions, rngs = zip(*states)
             atomic_save({"run": run, "model": model.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "step": step, "pos": list(positions), "memory": list(mem),
-                         "rng": list(rngs), "minutes": minutes_before + (time.time() - start) / 60}, path)
+                         "rng": list(rngs), "history": history,
+                         "minutes": minutes_before + (time.time() - start) / 60}, path)
+
+    best_path = os.path.join(args.out, "best.pt")
+
+    def validate():
+        """Rank 0 measures the valid perplexity and keeps the best weights; the other ranks wait."""
+        nonlocal eval_seconds
+        t0 = time.time()
+        if rank == 0:
+            ppl = perplexity(model, data["valid"], args.eval_streams, cfg.seg_len, device, autocast)
+            best = min((p for _, p in history), default=math.inf)
+            history.append((step, ppl))
+            if ppl < best:
+                atomic_save({"run": run, "model": model.state_dict(), "step": step, "valid_ppl": ppl}, best_path)
+            log(f"step {step} | valid ppl {ppl:.2f} | best {min(ppl, best):.2f}", flush=True)
+        if world > 1:
+            dist.barrier()
+        eval_seconds += time.time() - t0
 
     stop = {"signal": None}  # set by SIGINT/SIGTERM; the loop saves and exits at the next step boundary
     handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
@@ -377,12 +417,12 @@ def main(args):
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if time.time() - last_log >= args.log_seconds or step == args.max_steps or flags.any():
             steps_left = args.max_steps - step
-            eta = elapsed / (step - first_step) * steps_left / 60
+            eta = (elapsed - eval_seconds) / (step - first_step) * steps_left / 60
             if args.max_minutes is not None:
                 eta = min(eta, args.max_minutes - minutes_before - elapsed / 60)
             mean = sum(window) / len(window)
             log(f"step {step}/{args.max_steps} | loss {mean:.3f} | ppl {math.exp(mean):.1f} | "
-                f"lr {lr:.2e} | {tokens_per_step * (step - first_step) / elapsed:,.0f} tok/s | "
+                f"lr {lr:.2e} | {tokens_per_step * (step - first_step) / (elapsed - eval_seconds):,.0f} tok/s | "
                 f"ETA {eta:.1f} min", flush=True)
             window, last_log = [], time.time()
         if flags[0]:
@@ -391,19 +431,27 @@ def main(args):
             if world > 1:
                 dist.destroy_process_group()
             sys.exit(128 + stop["signal"])
+        if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps or flags[1]):
+            validate()
         if step % args.save_every == 0 or flags[1]:
             save(ckpt_path)
         if flags[1]:
             log(f"--max-minutes {args.max_minutes} reached at step {step}")
             break
-    train_seconds = time.time() - start
+    train_seconds = time.time() - start - eval_seconds
     if saved_at != step:
         save(ckpt_path)  # the final state
     for s, h in handlers.items():
         signal.signal(s, h)
 
     if rank == 0:
-        log(f"evaluating on {len(data['valid']):,} valid and {len(data['test']):,} test tokens ...", flush=True)
+        evaluated, evaluated_step = "last", step
+        if history:  # the best weights of the run
+            best = torch.load(best_path, map_location=device)
+            model.load_state_dict(best["model"])
+            evaluated, evaluated_step = "best", best["step"]
+        log(f"evaluating the {evaluated} weights (step {evaluated_step}) on {len(data['valid']):,} valid and {len(data['test']):,} "
+            f"test tokens ...", flush=True)
         ppl = {s: perplexity(model, data[s], args.eval_streams, cfg.seg_len, device, autocast) for s in ("valid", "test")}
         peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
@@ -411,13 +459,15 @@ def main(args):
         result = {"memory": args.memory, "valid_ppl": round(ppl["valid"], 2), "test_ppl": round(ppl["test"], 2),
                   "tokens_per_second": round(tokens_per_step * ran / train_seconds) if ran else None,
                   "peak_memory_mb": round(peak, 1), "minutes": round(minutes_before + (time.time() - start) / 60, 2),
-                  "steps": step, "train_loss": last_loss,
-                  "config": {**run, "device": str(device)}}
+                  "steps": step, "evaluated": evaluated, "evaluated_step": evaluated_step,
+                  "valid_history": [[s, round(p, 2)] for s, p in history],
+                  "train_loss": last_loss,
+                  "config": {**run, "device": str(device), "dtype": args.dtype}}
         tmp = os.path.join(args.out, "results.json.tmp")
         with open(tmp, "w") as f:
             json.dump(result, f, indent=2)
         os.replace(tmp, os.path.join(args.out, "results.json"))
-        log(f"{args.memory}: valid ppl {ppl['valid']:.2f} | test ppl {ppl['test']:.2f} | "
+        log(f"{args.memory}, {evaluated} weights (step {evaluated_step}): valid ppl {ppl['valid']:.2f} | test ppl {ppl['test']:.2f} | "
             f"results in {os.path.join(args.out, 'results.json')}")
     if world > 1:
         dist.barrier()
