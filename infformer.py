@@ -100,11 +100,9 @@ SIGMA_INIT = 0.25  # σ at initialisation: N(0.5, 0.25²) puts 95% of its mass i
 
 
 class Float32Constants(nn.Module):
-    """A module whose buffers are the method's constants (basis, ridge matrices, RoPE frequencies).
-
-    .to(dtype), .half() and .bfloat16() move them to the new device but never below float32:
-    a bf16 ridge matrix alone puts about 1% of error into every fit. .double() still upgrades them.
-    """
+    """A module whose buffers are the method's constants (basis, ridge matrices, RoPE frequencies):
+    .half() or .to(torch.bfloat16) moves them but keeps them float32 (a bf16 ridge matrix alone puts
+    about 1% of error into every fit); .double() still upgrades them."""
 
     def _apply(self, fn, recurse=True):  # what .to(), .cuda(), .half(), ... call on every module
         kept = dict(self._buffers)
@@ -130,10 +128,7 @@ class ContinuousAttention(Float32Constants):
         self.register_buffer("widths", widths, persistent=False)
 
     def forward(self, q, coeffs):
-        """q (bs, H, T, dh) queries; coeffs (bs, N, d) the memory's coefficients B.
-
-        Returns Z_LTM (bs, T, d), and μ, σ² (bs, H, T) in float32 (or better).
-        """
+        """q (bs, H, T, dh) queries; coeffs (bs, N, d) the memory's B. Returns Z_LTM (bs, T, d), μ, σ² (bs, H, T)."""
         bs, H, T, dh = q.shape
         dtype = self.centers.dtype  # float32 or better, whatever the model's dtype or autocast
         with torch.autocast(q.device.type, enabled=False):  # μ, σ² and E_p[ψ] in that dtype

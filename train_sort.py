@@ -6,10 +6,14 @@ the model must then output the 20 symbols ordered by how often they occurred in 
 sequence. The recent tokens alone give the wrong order, so a model that sees only its last
 segment and short-term memory fails as S grows; one that remembers everything can succeed.
 
-  python train_sort.py                          # all four memories, CPU preset
-  python train_sort.py --memory infinite        # one memory kind
-  python train_sort.py --preset paper --seq-len 8000          # the paper's setting, one GPU
-  torchrun --nproc_per_node=4 train_sort.py --preset paper    # several GPUs (DDP)
+  python train_sort.py                                  # all four memories, CPU preset, S = 1024
+  python train_sort.py --memory infinite xl --seed 3    # some memory kinds, another seed
+  python train_sort.py --preset sweep --seeds 0 1 2     # accuracy against S (Figure 2), on a CPU
+  python train_sort.py --preset paper --seq-len 8000    # the paper's setting, one GPU
+  torchrun --nproc_per_node=4 train_sort.py --preset paper --seeds 0 1 2   # Figure 2, several GPUs
+
+Every (memory, S, seed) is one run and one row of results.json; a run already there with the
+same configuration is not repeated, so an interrupted sweep continues where it stopped.
 """
 import argparse
 import json
@@ -32,12 +36,19 @@ EXTRA_KINDS = ["xl-stm"]  # Transformer-XL with only the others' STM
 
 PRESETS = {
     # A compact model that learns the task on a laptop CPU in minutes per memory kind.
-    "cpu": dict(seq_len=1024, steps=2500, batch_size=16, lr=3e-3, warmup=30, clip=1.0, eval_size=512,
+    "cpu": dict(seq_len=[1024], steps=2000, batch_size=16, lr=3e-3, warmup=30, clip=1.0, eval_size=512,
                 model=dict(d_model=64, n_layers=2, n_heads=4, d_ff=256, dropout=0.0, seg_len=128, mem_len=128,
                            num_basis=128, basis_widths=(0.04, 0.2), num_samples=128, tau=0.75,
                            cmem_len=128, compress_rate=8)),
+    # The length sweep on a CPU (the paper's Figure 2, scaled down): every memory half the cpu
+    # preset's, so that S = 128 fits inside Transformer-XL's window and S = 2048 is four times what
+    # the compressed memory covers (64 slots × 8 + STM 64 + segment 64).
+    "sweep": dict(seq_len=[128, 512, 2048], steps=1500, batch_size=16, lr=3e-3, warmup=30, clip=1.0, eval_size=512,
+                  model=dict(d_model=64, n_layers=2, n_heads=4, d_ff=256, dropout=0.0, seg_len=64, mem_len=64,
+                             num_basis=64, basis_widths=(0.04, 0.2), num_samples=64, tau=0.75,
+                             cmem_len=64, compress_rate=8)),
     # The paper's setting (the authors' sorting code: N = 512, widths {0.01, 0.05}, M = 512).
-    "paper": dict(seq_len=4000, steps=20000, batch_size=8, lr=2e-4, warmup=0, clip=0.25, eval_size=512,
+    "paper": dict(seq_len=[4000, 8000, 16000], steps=20000, batch_size=8, lr=2e-4, warmup=0, clip=0.25, eval_size=512,
                   model=dict(d_model=300, n_layers=3, n_heads=6, d_ff=300, dropout=0.1, seg_len=1024, mem_len=1024,
                              num_basis=512, basis_widths=(0.01, 0.05), num_samples=512, tau=0.75,
                              cmem_len=512, compress_rate=4)),
@@ -435,11 +446,12 @@ def parse_args(argv=None):
     p.add_argument("--memory", nargs="+", choices=KINDS + EXTRA_KINDS + ["all"], default=["all"],
                    help="memory kinds to train (default: all = " + ", ".join(KINDS) + ")")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="model and training setting (default: cpu)")
-    p.add_argument("--seq-len", type=int, nargs="+", help="sequence lengths S (preset: cpu 1024, paper 4000)")
+    p.add_argument("--seq-len", type=int, nargs="+",
+                   help="sequence lengths S (preset: cpu 1024; sweep 128 512 2048; paper 4000 8000 16000)")
     p.add_argument("--seed", "--seeds", type=int, nargs="+", default=[0],
                    help="seeds of the model and the training data; each is its own run (default 0)")
-    p.add_argument("--steps", type=int, help="training steps (preset: cpu 2500, paper 20000)")
-    p.add_argument("--batch-size", type=int, help="sequences per step and process (preset: cpu 16, paper 8)")
+    p.add_argument("--steps", type=int, help="training steps (preset: cpu 2000, sweep 1500, paper 20000)")
+    p.add_argument("--batch-size", type=int, help="sequences per step and process (preset: cpu and sweep 16, paper 8)")
     p.add_argument("--lr", type=float, help="peak learning rate (preset: cpu 3e-3, paper 2e-4)")
     p.add_argument("--eval-size", type=int, help="held-out sequences in each of valid and test (default 512)")
     p.add_argument("--dtype", choices=["float32", "bf16"], help="bf16: autocast, with the method's math in float32 "
@@ -455,7 +467,7 @@ def parse_args(argv=None):
     preset = PRESETS[args.preset]
     for key in ("seq_len", "steps", "batch_size", "lr", "eval_size"):
         if getattr(args, key) is None:
-            setattr(args, key, preset[key] if key != "seq_len" else [preset[key]])
+            setattr(args, key, preset[key])
     args.warmup, args.clip, args.model = min(preset["warmup"], args.steps), preset["clip"], preset["model"]
     args.seg_len = args.model["seg_len"]
     args.kinds = list(dict.fromkeys(k for m in args.memory for k in (KINDS if m == "all" else [m])))
