@@ -35,15 +35,16 @@ KINDS = ["xl", "compressive", "infinite", "sticky"]  # "xl": an STM as long as t
 EXTRA_KINDS = ["xl-stm"]  # Transformer-XL with only the others' STM
 
 PRESETS = {
-    # A compact model that learns the task on a laptop CPU in minutes per memory kind.
-    "cpu": dict(seq_len=[1024], steps=2000, batch_size=16, lr=3e-3, warmup=30, clip=1.0, eval_size=512,
+    # A compact model that learns the task on a laptop CPU in minutes per memory kind. At lr 3e-3
+    # some seeds stalled for a thousand steps (the ∞-former on 2 of 3); 2e-3 learned with all of them.
+    "cpu": dict(seq_len=[1024], steps=2000, batch_size=16, lr=2e-3, warmup=30, clip=1.0, eval_size=512,
                 model=dict(d_model=64, n_layers=2, n_heads=4, d_ff=256, dropout=0.0, seg_len=128, mem_len=128,
                            num_basis=128, basis_widths=(0.04, 0.2), num_samples=128, tau=0.75,
                            cmem_len=128, compress_rate=8)),
     # The length sweep on a CPU (the paper's Figure 2, scaled down): every memory half the cpu
     # preset's, so that S = 128 fits inside Transformer-XL's window and S = 2048 is four times what
     # the compressed memory covers (64 slots × 8 + STM 64 + segment 64).
-    "sweep": dict(seq_len=[128, 512, 2048], steps=1500, batch_size=16, lr=3e-3, warmup=30, clip=1.0, eval_size=512,
+    "sweep": dict(seq_len=[128, 512, 2048], steps=1500, batch_size=16, lr=2e-3, warmup=30, clip=1.0, eval_size=512,
                   model=dict(d_model=64, n_layers=2, n_heads=4, d_ff=256, dropout=0.0, seg_len=64, mem_len=64,
                              num_basis=64, basis_widths=(0.04, 0.2), num_samples=64, tau=0.75,
                              cmem_len=64, compress_rate=8)),
@@ -452,7 +453,7 @@ def parse_args(argv=None):
                    help="seeds of the model and the training data; each is its own run (default 0)")
     p.add_argument("--steps", type=int, help="training steps (preset: cpu 2000, sweep 1500, paper 20000)")
     p.add_argument("--batch-size", type=int, help="sequences per step and process (preset: cpu and sweep 16, paper 8)")
-    p.add_argument("--lr", type=float, help="peak learning rate (preset: cpu 3e-3, paper 2e-4)")
+    p.add_argument("--lr", type=float, help="peak learning rate (preset: cpu and sweep 2e-3, paper 2e-4)")
     p.add_argument("--eval-size", type=int, help="held-out sequences in each of valid and test (default 512)")
     p.add_argument("--dtype", choices=["float32", "bf16"], help="bf16: autocast, with the method's math in float32 "
                    "(default: bf16 on CUDA, float32 on CPU)")
