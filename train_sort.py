@@ -366,9 +366,10 @@ def summary(results, args, test_sets):
     lines = []
     for seq_len in sorted({r["seq_len"] for r in results}):
         rows = [r for r in results if r["seq_len"] == seq_len]
-        window = args.model["mem_len"] + args.model["num_basis"] + args.seg_len
+        # how far back xl reaches: each layer sees its STM, so n_layers × STM + segment
+        window = args.model["n_layers"] * (args.model["mem_len"] + args.model["num_basis"]) + args.seg_len
         lines += [f"\nS = {seq_len} (reference levels: uniform among the symbols not yet given {UNIFORM:.3f}; "
-                  f"counting the last {window} tokens, what xl's STM + segment span, "
+                  f"counting the last {window} tokens, as far back as xl reaches, "
                   f"{count_ranking_accuracy(*test_sets[seq_len], window):.3f})\n",
                   "| memory | budget | seeds | test accuracy (mean) | min–max | valid accuracy (mean) | minutes (mean) |",
                   "|---|---|---|---|---|---|---|"]
