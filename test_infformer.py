@@ -4,6 +4,7 @@ Every numerical test compares against an independent computation: a direct formu
 numerical integration, a float64 least-squares solve, or a brute-force reference.
 Run with:  python -m pytest -q
 """
+import contextlib
 import io
 import math
 
@@ -697,6 +698,27 @@ def test_train_lm_trains_and_evaluates(kind, corpus, tmp_path):
     _, data = train_lm.tokenize(train_lm.split_paths(str(corpus)))
     assert r["valid_ppl"] < 0.6 * untrained_perplexity(r, data["valid"])  # six steps learn the word frequencies
     assert (tmp_path / "run" / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lm_reports_the_valid_perplexity_without_the_ltm_read(kind, corpus, tmp_path):
+    """valid_ppl_ltm_zeroed must be the valid perplexity of the trained weights with every LTM output
+    projection set to zero (an independent way to remove Z_LTM), and differ from valid_ppl."""
+    train_lm.main(lm_args(corpus, tmp_path / "run", "--memory", kind, "--lr", "0.01"))
+    r = json.loads((tmp_path / "run" / "results.json").read_text())
+    if kind in ("xl", "compressive"):
+        assert r["valid_ppl_ltm_zeroed"] is None
+        return
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", map_location="cpu")
+    cfg = Config(**{k: ckpt["run"][k] for k in Config.__dataclass_fields__})
+    model = train_lm.LanguageModel(cfg, tie=True)
+    model.load_state_dict(ckpt["model"])
+    _, data = train_lm.tokenize(train_lm.split_paths(str(corpus)))
+    ppl = lambda: round(train_lm.perplexity(model, data["valid"], 3, cfg.seg_len, "cpu", contextlib.nullcontext()), 2)
+    assert ppl() == r["valid_ppl"]
+    for block in model.body.blocks:
+        block.ltm.proj.weight.data.zero_()
+    assert ppl() == r["valid_ppl_ltm_zeroed"] != r["valid_ppl"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -10,7 +10,9 @@ Word-level language modelling on WikiText-103 with memories carried across segme
 --data holds wiki.{train,valid,test}.tokens (or train.txt, valid.txt, test.txt). The
 token ids are cached beside the data (or under --out if that folder is read-only) and
 rebuilt when the files change. The run ends with the valid and test perplexity over the
-whole streams, memory carried, and writes results.json and a checkpoint under --out.
+whole streams, memory carried (for infinite and sticky also the valid perplexity with every
+Z_LTM zeroed: how much the model relies on its LTM), and writes results.json and a
+checkpoint under --out. Several seeds: one run per --seed, each with its own --out.
 
 Where the output layer departs from Transformer-XL's: PyTorch's nn.AdaptiveLogSoftmaxWithLoss
 gives each tail cluster a projection of its own (d -> d / 4^i, d with --tie) and has no output
@@ -18,6 +20,7 @@ biases; Transformer-XL's has biases and, with div_val 1, shares the projections.
 """
 import argparse
 import array
+import contextlib
 import json
 import math
 import os
@@ -204,6 +207,19 @@ def _perplexity(model, ids, n_streams, seg_len, device, autocast):
         total += (nll.double().cpu() * mask[:, i:i + seg_len]).sum().item()
     model.train()
     return math.exp(total / n)
+
+
+@contextlib.contextmanager
+def ltm_read_zeroed(body):
+    """Inside, every layer's Z_LTM is zero. The perplexity there, against the one outside, is how much
+    a trained model relies on its long-term memory (which says nothing of whether it beats XL)."""
+    hooks = [b.ltm.register_forward_hook(lambda m, i, out: (torch.zeros_like(out[0]), *out[1:]))
+             for b in body.blocks if b.ltm is not None]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def atomic_save(obj, path):
@@ -453,10 +469,17 @@ def main(args):
         log(f"evaluating the {evaluated} weights (step {evaluated_step}) on {len(data['valid']):,} valid and {len(data['test']):,} "
             f"test tokens ...", flush=True)
         ppl = {s: perplexity(model, data[s], args.eval_streams, cfg.seg_len, device, autocast) for s in ("valid", "test")}
+        ltm_zeroed = None
+        if cfg.memory in ("infinite", "sticky"):
+            with ltm_read_zeroed(model.body):
+                ltm_zeroed = perplexity(model, data["valid"], args.eval_streams, cfg.seg_len, device, autocast)
+            log(f"LTM use: valid ppl {ltm_zeroed:.2f} with every Z_LTM zeroed, against {ppl['valid']:.2f} "
+                f"({100 * (ltm_zeroed / ppl['valid'] - 1):+.1f}%)")
         peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
         ran = step - first_step
         result = {"memory": args.memory, "valid_ppl": round(ppl["valid"], 2), "test_ppl": round(ppl["test"], 2),
+                  "valid_ppl_ltm_zeroed": None if ltm_zeroed is None else round(ltm_zeroed, 2),
                   "tokens_per_second": round(tokens_per_step * ran / train_seconds) if ran else None,
                   "peak_memory_mb": round(peak, 1), "minutes": round(minutes_before + (time.time() - start) / 60, 2),
                   "steps": step, "evaluated": evaluated, "evaluated_step": evaluated_step,
