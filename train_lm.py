@@ -473,8 +473,8 @@ def main(args):
         if cfg.memory in ("infinite", "sticky"):
             with ltm_read_zeroed(model.body):
                 ltm_zeroed = perplexity(model, data["valid"], args.eval_streams, cfg.seg_len, device, autocast)
-            log(f"LTM use: valid ppl {ltm_zeroed:.2f} with every Z_LTM zeroed, against {ppl['valid']:.2f} "
-                f"({100 * (ltm_zeroed / ppl['valid'] - 1):+.1f}%)")
+            log(f"LTM use: with every Z_LTM zeroed the valid perplexity is {ltm_zeroed:.2f}, against "
+                f"{ppl['valid']:.2f} ({100 * (ltm_zeroed / ppl['valid'] - 1):+.1f}%)")
         peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
         ran = step - first_step
