@@ -152,6 +152,22 @@ def test_first_write_spreads_the_vectors_over_the_whole_interval():
     assert ((x_hat - X[0]).norm() / X.norm()).item() < 0.05
 
 
+def test_a_short_first_write_takes_only_its_share_of_the_interval():
+    """4 of seg_len = 16 vectors sit in the last quarter of [0, 1]: a later full segment must not be
+    outweighed by them. Checked with an independent float64 fit at the expected positions."""
+    cfg = Config(seg_len=16, num_basis=32, basis_widths=(0.05, 0.2))
+    write = UnboundedMemory(cfg).double()
+    X = torch.tensor([[1.0], [2.0], [3.0], [4.0]], dtype=torch.float64)[None]  # (1, 4, 1)
+    coeffs = write(torch.zeros(1, 0, 1, dtype=torch.float64), X)
+    c, w = basis_functions(32, cfg.basis_widths, torch.float64)
+    t = 0.75 + 0.25 * (torch.arange(4, dtype=torch.float64) + 0.5) / 4  # cells 13..16 of 16
+    Ft = basis_at(t, c, w)
+    expected = torch.linalg.solve(Ft.T @ Ft + cfg.ridge * torch.eye(32, dtype=torch.float64), Ft.T @ X[0])
+    torch.testing.assert_close(coeffs[0], expected)
+    x_hat = basis_at(torch.tensor([0.25, 0.875], dtype=torch.float64), c, w) @ coeffs[0]
+    assert abs(x_hat[0].item()) < 0.1 and abs(x_hat[1].item() - 2.5) < 0.5  # empty past, then the values
+
+
 def test_write_of_another_length_matches_its_own_solve():
     """A short write (not seg_len vectors) solves its own G; check it against the formula."""
     cfg = Config(seg_len=16, num_basis=32, num_samples=24, tau=0.6)
@@ -824,6 +840,16 @@ def test_resume_rejects_damaged_and_mismatched_checkpoints(corpus, tmp_path):
     train_lm.main(lm_args(corpus, tmp_path / "r"))
     with pytest.raises(train_lm.UserError, match="another configuration: batch_size 4"):
         train_lm.main(lm_args(corpus, tmp_path / "r", "--resume", str(tmp_path / "r" / "ckpt.pt"), "--batch-size", "2"))
+
+
+def test_kl_weight_flag_reaches_the_model_and_leaves_the_preset_alone(corpus, tmp_path, capsys):
+    train_lm.main(lm_args(corpus, tmp_path / "run", "--memory", "infinite", "--kl-weight", "0.5"))
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["config"]["kl_weight"] == 0.5
+    assert "kl_weight" not in train_lm.PRESETS["cpu"]["model"]  # a later run in this process gets the default
+    assert lm_args(corpus, tmp_path / "o").model.get("kl_weight", Config.kl_weight) == Config.kl_weight
+    with pytest.raises(SystemExit):
+        lm_args(corpus, tmp_path / "o", "--kl-weight", "-1")
+    assert "--kl-weight must be >= 0" in capsys.readouterr().err
 
 
 def test_bad_data_gives_one_clear_line(corpus, tmp_path):

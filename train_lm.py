@@ -276,6 +276,8 @@ def parse_args(argv=None):
     p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (then evaluate)")
     p.add_argument("--batch-size", type=int, help="streams per process (preset: cpu 16, paper 60)")
     p.add_argument("--lr", type=float, help="peak learning rate (preset: cpu 1e-3, paper 2.5e-4)")
+    p.add_argument("--kl-weight", type=float, help="weight of the KL regulariser on the LTM's densities "
+                   "(infinite and sticky; default: Config's 1e-6)")
     p.add_argument("--eval-streams", type=int, default=10, help="streams the valid/test text is cut into (default 10)")
     p.add_argument("--tie", action=argparse.BooleanOptionalAction, default=True,
                    help="share the input embedding with the adaptive softmax (default: on)")
@@ -295,12 +297,16 @@ def parse_args(argv=None):
     for key in ("batch_size", "max_steps", "lr"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
-    args.warmup, args.clip, args.model = min(preset["warmup"], args.max_steps), preset["clip"], preset["model"]
+    args.warmup, args.clip, args.model = min(preset["warmup"], args.max_steps), preset["clip"], dict(preset["model"])
+    if args.kl_weight is not None:
+        args.model["kl_weight"] = args.kl_weight
     for key in ("batch_size", "max_steps", "eval_streams", "save_every", "eval_every"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
     if not args.lr > 0 or (args.max_minutes is not None and not args.max_minutes > 0):
         p.error("--lr and --max-minutes must be positive")
+    if args.kl_weight is not None and not args.kl_weight >= 0:
+        p.error("--kl-weight must be >= 0")
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available on this machine")
     args.dtype = args.dtype or ("bf16" if args.device.type == "cuda" else "float32")
