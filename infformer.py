@@ -158,10 +158,11 @@ def gaussian_kl(var, sigma_0):
 
 
 # -----------------------------------------------------------------------------
-# 4. The unbounded memory. The first write fits the L new vectors across [0, 1]. Later
-#    writes sample the old signal at M positions, place those M values at τ·i/M ∈ (0, τ],
-#    place the L new vectors in (τ, 1] and fit all M + L points: the memory covers an ever
-#    longer past at the fixed cost of N×d numbers, the oldest part at the lowest resolution.
+# 4. The unbounded memory. The first write fits the L new vectors across [0, 1] (a shorter
+#    one, its share of it). Later writes sample the old signal at M positions, place those
+#    M values at τ·i/M ∈ (0, τ], place the L new vectors in (τ, 1] and fit all M + L points:
+#    the memory covers an ever longer past at the fixed cost of N×d numbers, the oldest part
+#    at the lowest resolution.
 
 
 class UnboundedMemory(Float32Constants):
