@@ -185,10 +185,9 @@ class UnboundedMemory(Float32Constants):
         self.register_buffer("psi_uniform", basis_at(s, *self.basis64).float(), persistent=False)  # (M, N)
 
     def _first_matrix(self, L):  # the L vectors in the last L of seg_len cells of [0, 1]
-        # A full first segment spans [0, 1]. A shorter one (sorting's first chunk) takes only its
-        # share, so that each vector stands for as much of the timeline as a full segment's would;
-        # stretched over [0, 1], sorting's first 20 of 1,024 tokens held 18% of the memory at the
-        # answers, each 4.6 to 19 times as much of [0, 1] as a token of a later segment.
+        # A shorter one (sorting's first chunk) takes only its share, so each vector stands for as
+        # much of the timeline as a full segment's; stretched over [0, 1] it outweighed every later
+        # token up to 19 times (README, "Sorting").
         start = max(0.0, 1 - L / self.cfg.seg_len)
         return ridge_matrix(midpoints(L, start, 1.0), *self.basis64, self.cfg.ridge).float()
 
