@@ -25,7 +25,8 @@ Choices where the authors' code departs from the paper, or says nothing:
     Transformer-XL stores normalised inputs, while our pre-LN residual stream starts near
     0.02 per channel, too faint for the reads to be learned reliably (README, "Sorting").
   - Sticky sampling draws a real uniform offset inside each histogram bin.
-  - A first write shorter than a segment covers only the last L/seg_len of [0, 1], not all of it.
+  - A first write shorter than a segment covers only the last L/seg_len of [0, 1], not all of it;
+    the rest is fitted as zero vectors.
   - The LTM's output projection starts at zero: untrained, the ∞-former is Transformer-XL.
   - The Transformer-XL is pre-LayerNorm with RoPE (Transformer-XL: post-LN, relative
     position encoding), GELU (ReLU) and attention-probability dropout equal to `dropout`
@@ -187,9 +188,10 @@ class UnboundedMemory(Float32Constants):
     def _first_matrix(self, L):  # the L vectors in the last L of seg_len cells of [0, 1]
         # A shorter one (sorting's first chunk) takes only its share, so each vector stands for as
         # much of the timeline as a full segment's; stretched over [0, 1] it outweighed every later
-        # token up to 19 times (README, "Sorting").
-        start = max(0.0, 1 - L / self.cfg.seg_len)
-        return ridge_matrix(midpoints(L, start, 1.0), *self.basis64, self.cfg.ridge).float()
+        # token up to 19 times. The empty cells are fitted as zero vectors: left free, the wide basis
+        # functions carried the values far into them (README, "Sorting"). B = Gᵀ [0; X] = G[-L:]ᵀ X.
+        n = max(L, self.cfg.seg_len)
+        return ridge_matrix(midpoints(n), *self.basis64, self.cfg.ridge)[-L:].float()
 
     def _update_matrix(self, L):  # M old samples at τ·i/M, then L new vectors in (τ, 1]
         # The paper's samples s_i = i/M, i = 1..M, end at the newest point of the old signal and land

@@ -153,19 +153,24 @@ def test_first_write_spreads_the_vectors_over_the_whole_interval():
 
 
 def test_a_short_first_write_takes_only_its_share_of_the_interval():
-    """4 of seg_len = 16 vectors sit in the last quarter of [0, 1]: a later full segment must not be
-    outweighed by them. Checked with an independent float64 fit at the expected positions."""
+    """4 of seg_len = 16 vectors sit in the last quarter of [0, 1] and the 12 empty cells before them
+    are fitted as zeros: a later full segment must not be outweighed by them. Checked against an
+    independent float64 fit of [0; X] at the 16 cell midpoints."""
     cfg = Config(seg_len=16, num_basis=32, basis_widths=(0.05, 0.2))
     write = UnboundedMemory(cfg).double()
     X = torch.tensor([[1.0], [2.0], [3.0], [4.0]], dtype=torch.float64)[None]  # (1, 4, 1)
     coeffs = write(torch.zeros(1, 0, 1, dtype=torch.float64), X)
     c, w = basis_functions(32, cfg.basis_widths, torch.float64)
-    t = 0.75 + 0.25 * (torch.arange(4, dtype=torch.float64) + 0.5) / 4  # cells 13..16 of 16
+    t = (torch.arange(16, dtype=torch.float64) + 0.5) / 16
     Ft = basis_at(t, c, w)
-    expected = torch.linalg.solve(Ft.T @ Ft + cfg.ridge * torch.eye(32, dtype=torch.float64), Ft.T @ X[0])
+    Y = torch.cat([torch.zeros(12, 1, dtype=torch.float64), X[0]])
+    expected = torch.linalg.solve(Ft.T @ Ft + cfg.ridge * torch.eye(32, dtype=torch.float64), Ft.T @ Y)
     torch.testing.assert_close(coeffs[0], expected)
-    x_hat = basis_at(torch.tensor([0.25, 0.875], dtype=torch.float64), c, w) @ coeffs[0]
-    assert abs(x_hat[0].item()) < 0.1 and abs(x_hat[1].item() - 2.5) < 0.5  # empty past, then the values
+    # The empty past stays empty right up to the values: fitted without the zeros, the wide basis
+    # functions carried a third of the values' size back to t = 0.5..0.7.
+    x_hat = basis_at(torch.linspace(0, 0.7, 15, dtype=torch.float64), c, w) @ coeffs[0]
+    assert x_hat.abs().max() < 0.1
+    assert abs((basis_at(torch.tensor([0.875], dtype=torch.float64), c, w) @ coeffs[0]).item() - 2.5) < 0.5
 
 
 def test_write_of_another_length_matches_its_own_solve():
