@@ -185,13 +185,8 @@ class UnboundedMemory(Float32Constants):
         s = torch.arange(1, cfg.num_samples + 1, dtype=torch.float64) / cfg.num_samples  # s_i = i/M
         self.register_buffer("psi_uniform", basis_at(s, *self.basis64).float(), persistent=False)  # (M, N)
 
-    def _first_matrix(self, L):  # the L vectors in the last L of seg_len cells of [0, 1]
-        # A shorter one (sorting's first chunk) takes only its share, so each vector stands for as
-        # much of the timeline as a full segment's; stretched over [0, 1] it outweighed every later
-        # token up to 19 times. The empty cells are fitted as zero vectors: left free, the wide basis
-        # functions carried the values far into them (README, "Sorting"). B = Gᵀ [0; X] = G[-L:]ᵀ X.
-        n = max(L, self.cfg.seg_len)
-        return ridge_matrix(midpoints(n), *self.basis64, self.cfg.ridge)[-L:].float()
+    def _first_matrix(self, L):  # L >= seg_len vectors across [0, 1]
+        return ridge_matrix(midpoints(L), *self.basis64, self.cfg.ridge).float()
 
     def _update_matrix(self, L):  # M old samples at τ·i/M, then L new vectors in (τ, 1]
         # The paper's samples s_i = i/M, i = 1..M, end at the newest point of the old signal and land
@@ -211,7 +206,12 @@ class UnboundedMemory(Float32Constants):
         with torch.autocast(x_new.device.type, enabled=False):  # float32 (or better) even under autocast
             x_new, coeffs = x_new.to(self.G_first.dtype), coeffs.to(self.G_first.dtype)
             if coeffs.size(1) == 0:  # first write after a reset
-                G = self.G_first if L == self.cfg.seg_len else self._first_matrix(L).to(x_new)
+                # A shorter one (sorting's first chunk) takes only the last L of the seg_len cells, so
+                # each vector stands for as much of the timeline as a full segment's (over all of
+                # [0, 1] it outweighed later tokens up to 19 times), and the empty cells are fitted as
+                # zero vectors (left free, the wide basis functions carried the values far into them;
+                # README, "Sorting"): B = G_firstᵀ [0; X] = G_first[-L:]ᵀ X, no solve needed.
+                G = self.G_first[-L:] if L <= self.cfg.seg_len else self._first_matrix(L).to(x_new)
                 return G.T @ x_new  # B = Gᵀ X
             G = self.G_update if L == self.cfg.seg_len else self._update_matrix(L).to(x_new)
             if mu is None:  # uniform: x_old(i/M)
