@@ -26,7 +26,15 @@ Choices where the authors' code departs from the paper, or says nothing:
     0.02 per channel, too faint for the reads to be learned reliably (README, "Sorting").
   - Sticky sampling draws a real uniform offset inside each histogram bin.
   - A first write shorter than a segment covers only the last L/seg_len of [0, 1], not all of it;
-    the rest is fitted as zero vectors.
+    the rest is fitted as zero vectors. Likewise an update of L < seg_len vectors (the end of a
+    stream) takes only its share of the new timeline: the old signal is squeezed into
+    [0, 1 − (1 − τ)·L/seg_len] instead of [0, τ]. Either way each vector stands for as much of
+    [0, 1] as a full segment's does.
+  - New vectors sit at their cells' midpoints, τ + (1 − τ)(i − ½)/L (the authors: τ + (1 − τ)i/L),
+    the rule of the first write's positions (k + ½)/L carried over to (τ, 1].
+  - The σ² floor is VAR_MIN = 1e-4 (the authors: 1e-6). It acts only where σ < 0.01, narrower than
+    every basis function of the CPU presets (w_j ≥ 0.04), whose read's variance σ² + w_j² it moves
+    by at most 6%.
   - The LTM's output projection starts at zero: untrained, the ∞-former is Transformer-XL.
   - The Transformer-XL is pre-LayerNorm with RoPE (Transformer-XL: post-LN, relative
     position encoding), GELU (ReLU) and attention-probability dropout equal to `dropout`
@@ -171,7 +179,8 @@ class UnboundedMemory(Float32Constants):
 
     Everything that depends only on the configuration is a buffer, computed once in float64.
     Writes of exactly seg_len vectors (every write once the short-term memory is full) use
-    the buffers; a write of another length (a short first or last segment) solves its own.
+    the buffers, and so does a short first write (a slice of G_first); an update of another
+    length (a stream's short last segment) solves its own.
     """
 
     def __init__(self, cfg):
@@ -180,21 +189,24 @@ class UnboundedMemory(Float32Constants):
         self.basis64 = basis_functions(cfg.num_basis, cfg.basis_widths, torch.float64)  # for the solves
         self.register_buffer("centers", self.basis64[0].float(), persistent=False)
         self.register_buffer("widths", self.basis64[1].float(), persistent=False)
-        self.register_buffer("G_first", self._first_matrix(cfg.seg_len), persistent=False)  # (L, N)
-        self.register_buffer("G_update", self._update_matrix(cfg.seg_len), persistent=False)  # (M+L, N)
+        self.register_buffer("G_first", self._first_matrix(cfg.seg_len).float(), persistent=False)  # (L, N)
+        self.register_buffer("G_update", self._update_matrix(cfg.seg_len).float(), persistent=False)  # (M+L, N)
         s = torch.arange(1, cfg.num_samples + 1, dtype=torch.float64) / cfg.num_samples  # s_i = i/M
         self.register_buffer("psi_uniform", basis_at(s, *self.basis64).float(), persistent=False)  # (M, N)
 
-    def _first_matrix(self, L):  # L >= seg_len vectors across [0, 1]
-        return ridge_matrix(midpoints(L), *self.basis64, self.cfg.ridge).float()
+    def _first_matrix(self, L):  # L >= seg_len vectors across [0, 1], in float64
+        return ridge_matrix(midpoints(L), *self.basis64, self.cfg.ridge)
 
-    def _update_matrix(self, L):  # M old samples at τ·i/M, then L new vectors in (τ, 1]
+    def _update_matrix(self, L):  # M old samples at τ·i/M, then L new vectors in (τ, 1], in float64
         # The paper's samples s_i = i/M, i = 1..M, end at the newest point of the old signal and land
         # at τ·i/M, ending exactly where the new vectors begin. Each new vector stands for its own
-        # cell of (τ, 1] and sits at the cell's midpoint, as in the first write.
-        M, tau = self.cfg.num_samples, self.cfg.tau
+        # cell of (τ, 1] and sits at the cell's midpoint, as in the first write. A short update
+        # (L < seg_len) gets the (1 − τ)·L/seg_len that its vectors would hold in a full segment,
+        # and the old signal keeps the rest: spread over all of (τ, 1], they would outweigh it.
+        M, seg_len = self.cfg.num_samples, self.cfg.seg_len
+        tau = self.cfg.tau if L >= seg_len else 1 - (1 - self.cfg.tau) * L / seg_len
         t = torch.cat([tau * torch.arange(1, M + 1, dtype=torch.float64) / M, midpoints(L, tau, 1.0)])
-        return ridge_matrix(t, *self.basis64, self.cfg.ridge).float()
+        return ridge_matrix(t, *self.basis64, self.cfg.ridge)
 
     @torch.no_grad()  # the stored coefficients are detached: no gradient flows across segments
     def forward(self, coeffs, x_new, mu=None, var=None):

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+import infformer
 from infformer import (Config, ContinuousAttention, InfFormer, Memory, UnboundedMemory, basis_at, basis_functions,
-                       gaussian_expectation, midpoints, ridge_matrix, sticky_positions)
+                       gaussian_expectation, gaussian_kl, midpoints, ridge_matrix, sticky_positions)
 
 KINDS = ["xl", "compressive", "infinite", "sticky"]
 
@@ -87,11 +88,35 @@ def test_gaussian_expectation_equals_numerical_integration():
         torch.testing.assert_close(r[i], integral, rtol=1e-6, atol=1e-9)
 
 
-def test_gaussian_expectation_gradcheck():
+def test_gaussian_expectation_gradient_equals_the_integral_of_the_density_derivative():
+    """∂E_p[ψ_j]/∂μ = ∫ψ_j p (t − μ)/σ² dt and ∂E_p[ψ_j]/∂σ² = ∫ψ_j p ((t − μ)²/(2σ⁴) − 1/(2σ²)) dt,
+    integrated numerically: checks the formula's derivatives, not only autograd's consistency."""
     centers, widths = basis_functions(8, (0.05, 0.2), torch.float64)
     mu = torch.tensor([0.2, 0.7], dtype=torch.float64, requires_grad=True)
     var = torch.tensor([0.01, 0.05], dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda m, v: gaussian_expectation(m, v, centers, widths), (mu, var))
+    d_mu, d_var = torch.autograd.functional.jacobian(lambda m, v: gaussian_expectation(m, v, centers, widths),
+                                                     (mu, var))  # each (2, N, 2)
+    t = torch.linspace(-3, 4, 200_001, dtype=torch.float64)
+    psi = basis_at(t, centers, widths)  # (T, N)
+    for i in range(2):
+        m, v = mu[i].detach(), var[i].detach()
+        p = torch.exp(-((t - m) ** 2) / (2 * v)) / torch.sqrt(2 * math.pi * v)
+        ref_mu = torch.trapezoid((p * (t - m) / v)[:, None] * psi, t, dim=0)
+        ref_var = torch.trapezoid((p * ((t - m) ** 2 / (2 * v**2) - 1 / (2 * v)))[:, None] * psi, t, dim=0)
+        torch.testing.assert_close(d_mu[i, :, i], ref_mu, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(d_var[i, :, i], ref_var, rtol=1e-6, atol=1e-8)
+
+
+def test_gaussian_kl_equals_numerical_integration():
+    """KL(N(μ, σ²) ‖ N(μ, σ₀²)) = ∫ p log(p / q) dt, integrated numerically in float64."""
+    var = torch.tensor([1e-4, 0.0025, 0.01, 0.3], dtype=torch.float64)
+    kl = gaussian_kl(var, 0.05)
+    t = torch.linspace(-4, 5, 400_001, dtype=torch.float64)
+    log_q = -((t - 0.5) ** 2) / (2 * 0.05**2) - 0.5 * math.log(2 * math.pi * 0.05**2)
+    for v, value in zip(var, kl):
+        log_p = -((t - 0.5) ** 2) / (2 * v) - 0.5 * torch.log(2 * math.pi * v)
+        assert value.item() == pytest.approx(torch.trapezoid(log_p.exp() * (log_p - log_q), t).item(), rel=1e-6, abs=1e-9)
+    assert kl[1].item() == 0.0  # σ = σ₀
 
 
 def test_continuous_attention_matches_the_papers_formula():
@@ -173,19 +198,23 @@ def test_a_short_first_write_takes_only_its_share_of_the_interval():
     assert abs((basis_at(torch.tensor([0.875], dtype=torch.float64), c, w) @ coeffs[0]).item() - 2.5) < 0.5
 
 
-def test_write_of_another_length_matches_its_own_solve():
-    """A short write (not seg_len vectors) solves its own G; check it against the formula."""
+def test_a_short_update_takes_only_its_share_of_the_new_timeline():
+    """5 of seg_len = 16 new vectors (a stream's short last segment) get (1 − τ)·5/16 of [0, 1], as
+    they would in a full segment: the old signal goes to [0, 1 − (1 − τ)·5/16]. A write longer than
+    a segment keeps τ. Both against a direct float64 ridge solve."""
     cfg = Config(seg_len=16, num_basis=32, num_samples=24, tau=0.6)
     write = UnboundedMemory(cfg).double()
-    old = torch.randn(2, 32, 3, dtype=torch.float64)
-    X = torch.randn(2, 5, 3, dtype=torch.float64)
     c, w = basis_functions(32, cfg.basis_widths, torch.float64)
     s = torch.arange(1, 25, dtype=torch.float64) / 24
-    t = torch.cat([0.6 * s, 0.6 + 0.4 * (torch.arange(5, dtype=torch.float64) + 0.5) / 5])
-    Y = torch.cat([basis_at(s, c, w) @ old, X], 1)  # old signal at i/M, then the new vectors
-    Ft = basis_at(t, c, w)
-    expected = torch.linalg.solve(Ft.T @ Ft + cfg.ridge * torch.eye(32, dtype=torch.float64), Ft.T @ Y)
-    torch.testing.assert_close(write(old, X), expected)
+    gen = torch.Generator().manual_seed(0)
+    old = torch.randn(2, 32, 3, dtype=torch.float64, generator=gen)
+    for L, tau in ((5, 1 - 0.4 * 5 / 16), (20, 0.6)):
+        X = torch.randn(2, L, 3, dtype=torch.float64, generator=gen)
+        t = torch.cat([tau * s, tau + (1 - tau) * (torch.arange(L, dtype=torch.float64) + 0.5) / L])
+        Y = torch.cat([basis_at(s, c, w) @ old, X], 1)  # old signal at i/M, then the new vectors
+        Ft = basis_at(t, c, w)
+        expected = torch.linalg.solve(Ft.T @ Ft + cfg.ridge * torch.eye(32, dtype=torch.float64), Ft.T @ Y)
+        torch.testing.assert_close(write(old, X), expected)
 
 
 # ----------------------------------------------------------------------------- 5. sticky memories
@@ -230,8 +259,14 @@ def test_sticky_write_keeps_resolution_where_attention_went():
     mu = torch.full((1, 2, 8), 0.45, dtype=torch.float64)
     var = torch.full((1, 2, 8), 0.03**2, dtype=torch.float64)
     new = torch.randn(1, 8, 1, dtype=torch.float64)
+    # The positions the write draws, drawn here from the same random stream: a bin from the brute-force
+    # histogram of the 16 densities (all N(0.45, 0.03²)), then a uniform offset inside it.
+    D = cfg.sticky_bins
+    Phi = lambda x: 0.5 * (1 + math.erf((x - 0.45) / (0.03 * math.sqrt(2))))
+    mass = torch.tensor([Phi((b + 1) / D) - Phi(b / D) for b in range(D)], dtype=torch.float64)
     torch.manual_seed(0)
-    s = sticky_positions(mu, var, cfg.sticky_bins, cfg.num_samples)[0]  # the positions the write will draw
+    bins = torch.multinomial(mass[None], cfg.num_samples, replacement=True)
+    s = ((bins + torch.rand(bins.shape, dtype=torch.float64)) / D).sort(-1).values[0]
     torch.manual_seed(0)
     sticky = write(old, new, mu, var)
     uniform = write(old, new)
@@ -338,6 +373,57 @@ def test_untrained_infformer_computes_exactly_what_transformer_xl_computes():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def concentrate_reads(model, mu, sigma):
+    """Every LTM read's density becomes N(mu, sigma²), whatever the query (w_μ = w_σ = 0, biases set)."""
+    with torch.no_grad():
+        for block in model.blocks:
+            if block.ltm is not None:
+                block.ltm.w_mu_var.weight.zero_()
+                block.ltm.w_mu_var.bias.copy_(torch.tensor([math.log(mu / (1 - mu)), math.log(math.expm1(sigma**2))]))
+    return model
+
+
+def test_sticky_writes_sample_the_old_signal_where_the_model_read(monkeypatch):
+    """With the same weights and every read concentrated on N(0.2, 0.02²), sticky and infinite must
+    compute different outputs once the LTM has been rewritten, and the positions of sticky's writes
+    must follow those densities: against the brute-force bin masses of N(0.2, 0.02²)."""
+    sticky = concentrate_reads(give_ltm_weights(tiny("sticky", num_samples=256)), 0.2, 0.02)
+    infinite = tiny("infinite", num_samples=256)
+    infinite.load_state_dict(sticky.state_dict())
+    drawn = []
+    original = infformer.sticky_positions
+    monkeypatch.setattr(infformer, "sticky_positions", lambda *a: drawn.append(original(*a)) or drawn[-1])
+    tokens = torch.randint(0, 23, (2, 48))
+    a, _ = run_segments(sticky, tokens)
+    b, _ = run_segments(infinite, tokens)
+    assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3]))  # the same until an LTM is rewritten
+    assert (a[-1] - b[-1]).abs().amax() > 1e-3
+    # Segments 2-5 (from 0) each rewrite both layers' LTM from the reads of that segment.
+    assert len(drawn) == 8 and all(d.shape == (2, 256) for d in drawn)
+    D = 16
+    counts = torch.bincount((torch.cat(drawn).flatten() * D).long().clamp_max(D - 1), minlength=D).double()
+    Phi = lambda x: 0.5 * (1 + math.erf((x - 0.2) / (0.02 * math.sqrt(2))))
+    mass = torch.tensor([Phi((k + 1) / D) - Phi(k / D) for k in range(D)], dtype=torch.float64)
+    torch.testing.assert_close(counts / counts.sum(), mass / mass.sum(), atol=0.03, rtol=0)
+
+
+def test_the_kl_term_is_the_weighted_mean_kl_of_every_read():
+    """kl = kl_weight · mean over layers of the mean KL(N(μ, σ²) ‖ N(μ, σ₀²)) over heads and queries,
+    recomputed here from the σ² of every read: ½ (σ²/σ₀² − log(σ²/σ₀²) − 1)."""
+    model = concentrate_reads(give_ltm_weights(tiny("infinite", kl_weight=0.5)), 0.5, 0.2)
+    variances = []
+    for block in model.blocks:
+        block.ltm.register_forward_hook(lambda m, i, out: variances.append(out[2].double()))
+    memory = model.init_memory(2)
+    for _ in range(3):
+        _, memory, kl = model(torch.randint(0, 23, (2, 8)), memory)
+    assert len(variances) == 2  # segment 3 is the first to read
+    r = [v / 0.05**2 for v in variances]
+    expected = 0.5 * sum((0.5 * (x - torch.log(x) - 1)).mean() for x in r) / 2
+    assert kl.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert expected.item() > 1  # σ = 0.2 is far from σ₀ = 0.05
+
+
 @pytest.mark.parametrize("d_model,n_heads", [(32, 4), (30, 2)])  # head sizes 8 and 15 (odd: RoPE leaves one channel)
 def test_xl_in_segments_equals_the_whole_sequence_at_once(d_model, n_heads):
     model = tiny("xl", mem_len=48, d_model=d_model, n_heads=n_heads)
@@ -418,10 +504,24 @@ def test_long_range_memories_learn_what_xl_cannot_reach(kind):
         assert loss.item() < 0.05
 
 
-def test_hidden_state_output_for_an_own_head():
-    model = tiny("infinite", lm_head=False)
-    out, _, _ = model(torch.randint(0, 23, (2, 8)), model.init_memory(2))
-    assert out.shape == (2, 8, 32) and model.head is None
+def test_hidden_state_output_for_an_own_head_is_the_final_layer_norm():
+    """With lm_head=False the output is what the built-in head reads: the last block's output
+    layer-normalised (recomputed here from the final LayerNorm's input), so that an own head on it
+    gives the built-in logits."""
+    with_head, own = tiny("infinite"), tiny("infinite", lm_head=False)
+    with torch.no_grad():
+        with_head.ln_f.weight.uniform_(0.5, 1.5), with_head.ln_f.bias.uniform_(-0.5, 0.5)
+    own.load_state_dict({k: v for k, v in with_head.state_dict().items() if not k.startswith("head.")})
+    last_block = []
+    own.blocks[-1].register_forward_hook(lambda m, i, out: last_block.append(out[0].double()))
+    tokens = torch.randint(0, 23, (2, 24))
+    hidden, logits = run_segments(own, tokens)[0][-1], run_segments(with_head, tokens)[0][-1]
+    assert hidden.shape == (2, 8, 32) and own.head is None
+    x = last_block[-1]
+    normed = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(hidden.double(), normed * own.ln_f.weight.double() + own.ln_f.bias.double(),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hidden @ with_head.head.weight.T, logits)
 
 
 def test_ltm_math_stays_float32_under_bf16_autocast():
@@ -483,6 +583,7 @@ def test_bad_config_raises_naming_the_field(field, value):
 # ----------------------------------------------------------------------------- train_sort.py
 
 import collections  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
@@ -629,15 +730,86 @@ def test_sort_diagnostics_leave_the_training_alone(tmp_path, monkeypatch):
     assert len(diags[0]) == 4 and diags[0][-1] == diags[1][-1]
 
 
+def test_a_damaged_results_file_stops_the_run_and_is_kept(tmp_path, capsys):
+    damaged = '[{"memory": "xl", "seq_len": 1, "seed": 0, "test_accuracy": 0.5, "config": {}},]'
+    (tmp_path / "results.json").write_text(damaged)
+    with pytest.raises(SystemExit) as e:
+        train_sort.main(["--memory", "xl", "--steps", "1", "--seq-len", "1", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and str(tmp_path / "results.json") in err
+    assert (tmp_path / "results.json").read_text() == damaged
+
+
+def test_a_finished_run_is_reused_only_with_the_same_eval_size_and_code(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    argv = ["--memory", "xl", "--steps", "1", "--seq-len", "1", "--batch-size", "2", "--out", str(tmp_path)]
+    runs = lambda *extra: (train_sort.main(argv + list(extra)), capsys.readouterr().out.count("done before"))[1]
+    assert runs("--eval-size", "2") == 0
+    assert runs("--eval-size", "2") == 1
+    assert runs("--eval-size", "3") == 0  # another eval size: measured again
+    code = hashlib.sha256(b"".join(open(os.path.join(HERE, f), "rb").read() for f in ("infformer.py", "train_sort.py")))
+    assert json.loads((tmp_path / "results.json").read_text())[0]["config"]["code"] == code.hexdigest()[:16]
+    monkeypatch.setattr(train_sort, "code_fingerprint", lambda: "edited")
+    assert runs("--eval-size", "3") == 0  # other code: measured again
+    assert len(json.loads((tmp_path / "results.json").read_text())) == 1
+
+
+def test_train_sort_evaluates_on_held_out_sequences(tmp_path, monkeypatch):
+    """valid_accuracy and test_accuracy are measured on the sequences of the held-out seeds 4·seed + 3
+    and 4·seed + 1, none of which training saw; the test accuracy reported is the one on the test set."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    trained, evaluated = [], []
+    target_logits, evaluate = train_sort.target_logits, train_sort.evaluate
+
+    def record_training(model, inputs, *a):
+        if torch.is_grad_enabled():
+            trained.append(inputs.clone())
+        return target_logits(model, inputs, *a)
+
+    def record_evaluation(model, inputs, targets, *a):
+        evaluated.append((inputs, targets, evaluate(model, inputs, targets, *a)))
+        return evaluated[-1][2]
+
+    monkeypatch.setattr(train_sort, "target_logits", record_training)
+    monkeypatch.setattr(train_sort, "evaluate", record_evaluation)
+    train_sort.main(["--memory", "xl", "--steps", "3", "--seq-len", "30", "--seed", "2", "--batch-size", "4",
+                     "--eval-size", "6", "--out", str(tmp_path), "--log-seconds", "9"])
+    r = json.loads((tmp_path / "results.json").read_text())[0]
+    (valid, _, valid_acc), (test, _, test_acc) = evaluated
+    for inputs, seed in ((valid, 4 * 2 + 3), (test, 4 * 2 + 1)):  # drawn in batches of 4, then 2
+        g = torch.Generator().manual_seed(seed)
+        assert torch.equal(inputs, torch.cat([train_sort.make_batch(4, 30, g)[0], train_sort.make_batch(2, 30, g)[0]]))
+    assert len(trained) == 3 and not any((t[:, None] == h[None]).all(-1).any() for t in trained for h in (valid, test))
+    assert (r["valid_accuracy"], r["test_accuracy"]) == (round(valid_acc, 4), round(test_acc, 4))
+
+
 @pytest.mark.parametrize("argv,message", [(["--steps", "0"], "--steps"), (["--memory", "lstm"], "--memory"),
                                           (["--seq-len", "100", "0"], "--seq-len"),
-                                          (["--device", "cuda:0"], "--device")])
+                                          (["--device", "cuda:0"], "--device"),
+                                          (["--out", HERE + "/README.md"], "--out")])
 def test_train_sort_rejects_bad_arguments(argv, message, capsys):
     if argv[0] == "--device" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(SystemExit) as e:
         train_sort.parse_args(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", [train_sort, train_lm])
+def test_ddp_gets_a_timeout_longer_than_rank_zeros_evaluation(script, tmp_path, monkeypatch):
+    """NCCL's default 10 minutes is shorter than a paper-preset evaluation, while the other ranks wait."""
+    seen = {}
+
+    def init_process_group(backend, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
+    monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = ["--out", str(tmp_path / "o"), "--device", "cpu"] + (["--data", str(tmp_path)] if script is train_lm else [])
+    with pytest.raises(RuntimeError, match="stop here"):
+        script.main(script.parse_args(argv) if script is train_lm else argv)
+    assert seen["timeout"].total_seconds() >= 3600
 
 
 # ----------------------------------------------------------------------------- train_lm.py
@@ -711,14 +883,36 @@ def untrained_perplexity(r, data):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_train_lm_trains_and_evaluates(kind, corpus, tmp_path):
+def test_train_lm_trains_and_evaluates_on_the_held_out_splits(kind, corpus, tmp_path):
+    """The reported perplexities are those of the final weights (ckpt.pt) on the valid and the test
+    split, recomputed here; six steps learn the word frequencies."""
     train_lm.main(lm_args(corpus, tmp_path / "run", "--memory", kind))
     r = json.loads((tmp_path / "run" / "results.json").read_text())
     assert {"memory", "valid_ppl", "test_ppl", "tokens_per_second", "peak_memory_mb", "minutes", "config"} <= set(r)
-    assert r["memory"] == kind and r["steps"] == 6
+    assert r["memory"] == kind and r["steps"] == 6 and r["evaluated"] == "last"
     _, data = train_lm.tokenize(train_lm.split_paths(str(corpus)))
-    assert r["valid_ppl"] < 0.6 * untrained_perplexity(r, data["valid"])  # six steps learn the word frequencies
-    assert (tmp_path / "run" / "ckpt.pt").exists()
+    assert r["valid_ppl"] < 0.6 * untrained_perplexity(r, data["valid"])
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", map_location="cpu")
+    cfg = Config(**{k: ckpt["run"][k] for k in Config.__dataclass_fields__})
+    model = train_lm.LanguageModel(cfg, tie=True)
+    model.load_state_dict(ckpt["model"])
+    ppl = {s: round(train_lm.perplexity(model, data[s], 3, cfg.seg_len, "cpu", contextlib.nullcontext()), 2)
+           for s in ("valid", "test", "train")}
+    assert (r["valid_ppl"], r["test_ppl"]) == (ppl["valid"], ppl["test"])
+    assert len({ppl["valid"], ppl["test"], ppl["train"]}) == 3  # the three splits are told apart
+
+
+def test_the_kl_term_reaches_the_language_models_gradient(corpus, tmp_path):
+    """A large --kl-weight must pull σ towards σ₀ = 0.05 (from 0.25 at the start), and otherwise
+    change nothing in how the run goes: its weights differ from the run without the KL term only
+    through its gradient."""
+    bias = {}
+    for weight in ("0", "10"):
+        out = tmp_path / weight
+        train_lm.main(lm_args(corpus, out, "--memory", "infinite", "--kl-weight", weight, "--lr", "0.01"))
+        state = torch.load(out / "ckpt.pt", map_location="cpu")["model"]
+        bias[weight] = torch.stack([state[f"body.blocks.{i}.ltm.w_mu_var.bias"][1] for i in range(4)])
+    assert (bias["10"] < bias["0"] - 1e-3).all()  # softplus⁻¹ of σ²: lower is narrower
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -744,16 +938,30 @@ def test_lm_reports_the_valid_perplexity_without_the_ltm_read(kind, corpus, tmp_
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_both_scripts_train_and_evaluate_under_cpu_bf16_autocast(kind, corpus, tmp_path, monkeypatch):
-    """The bf16 path a GPU takes, on the CPU: the adaptive softmax must leave autocast (on the CPU
-    it fails inside it), and the sorting model must train and evaluate."""
-    train_lm.main(lm_args(corpus, tmp_path / "lm", "--memory", kind, "--max-steps", "3", "--dtype", "bf16"))
-    r = json.loads((tmp_path / "lm" / "results.json").read_text())
-    assert r["config"]["dtype"] == "bf16" and math.isfinite(r["valid_ppl"]) and math.isfinite(r["test_ppl"])
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    train_sort.main(["--memory", kind, "--steps", "2", "--seq-len", "300", "--batch-size", "2", "--eval-size", "2",
-                     "--dtype", "bf16", "--out", str(tmp_path / "sort"), "--log-seconds", "0", "--diag-every", "1"])
-    r = json.loads((tmp_path / "sort" / "results.json").read_text())[0]
-    assert r["config"]["dtype"] == "bf16" and r["config"]["memory"] == kind
+    """The bf16 path a GPU takes, on the CPU: autocast must be on (bf16 linear outputs in training and
+    in evaluation), the adaptive softmax must leave it (on the CPU it fails inside it), and the
+    sorting model must train and evaluate."""
+    seen = set()  # (training?, dtype) of every linear layer's output: bf16 only where autocast is on
+
+    def record(module, inputs, out):
+        if isinstance(module, torch.nn.Linear):
+            seen.add((module.training, out.dtype))
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        train_lm.main(lm_args(corpus, tmp_path / "lm", "--memory", kind, "--max-steps", "3", "--dtype", "bf16"))
+        r = json.loads((tmp_path / "lm" / "results.json").read_text())
+        assert r["config"]["dtype"] == "bf16" and math.isfinite(r["valid_ppl"]) and math.isfinite(r["test_ppl"])
+        assert seen >= {(True, torch.bfloat16), (False, torch.bfloat16)}  # in training and in evaluation
+        seen.clear()
+        monkeypatch.setitem(sys.modules, "matplotlib", None)
+        train_sort.main(["--memory", kind, "--steps", "2", "--seq-len", "300", "--batch-size", "2", "--eval-size", "2",
+                         "--dtype", "bf16", "--out", str(tmp_path / "sort"), "--log-seconds", "0", "--diag-every", "1"])
+        r = json.loads((tmp_path / "sort" / "results.json").read_text())[0]
+        assert r["config"]["dtype"] == "bf16" and r["config"]["memory"] == kind
+        assert seen >= {(True, torch.bfloat16), (False, torch.bfloat16)}
+    finally:
+        hook.remove()
 
 
 def test_output_layer_runs_in_float32_under_bf16_autocast(corpus):
@@ -857,6 +1065,17 @@ def test_kl_weight_flag_reaches_the_model_and_leaves_the_preset_alone(corpus, tm
     assert "--kl-weight must be >= 0" in capsys.readouterr().err
 
 
+def test_bad_arguments_are_refused_before_the_data_is_read(corpus, tmp_path, capsys):
+    """--resume naming no file, and --out naming a file, stop at the command line: the corpus (minutes
+    to tokenise on WikiText-103) is never read."""
+    (corpus / "wiki.train.tokens").write_bytes(b"\xff")  # reading it would fail otherwise
+    for argv, message in ((["--resume", str(tmp_path / "missing.pt")], f"--resume {tmp_path / 'missing.pt'}: no such file"),
+                          (["--out", str(corpus / "wiki.valid.tokens")], "a file of that name exists")):
+        with pytest.raises(SystemExit) as e:
+            train_lm.parse_args(["--data", str(corpus), *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_bad_data_gives_one_clear_line(corpus, tmp_path):
     (corpus / "wiki.test.tokens").unlink()
     proc = subprocess.run([sys.executable, os.path.join(HERE, "train_lm.py"), "--data", str(corpus),
@@ -868,10 +1087,68 @@ def test_bad_data_gives_one_clear_line(corpus, tmp_path):
         train_lm.main(lm_args(corpus, tmp_path / "o"))
     with pytest.raises(train_lm.UserError, match="no such folder"):
         train_lm.main(lm_args(tmp_path / "nowhere", tmp_path / "o"))
+    (corpus / "wiki.test.tokens").write_bytes(" = Title = \n caf\xe9 \n".encode("latin-1"))
+    with pytest.raises(train_lm.UserError, match=r"wiki.test.tokens, line 2: not UTF-8 text \(byte b'\\xe9'\)"):
+        train_lm.main(lm_args(corpus, tmp_path / "o"))
+
+
+DDP_DRIVER = """
+import os, sys, torch
+sys.path.insert(0, sys.argv[1])
+import train_lm
+train_lm.PRESETS["cpu"]["model"].update(d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0, seg_len=8, mem_len=8)
+seen, clip = [], torch.nn.utils.clip_grad_norm_
+forward = train_lm.LanguageModel.forward
+def record_batch(self, tokens, targets, memory):
+    seen.append((tokens.clone(), targets.clone()))
+    return forward(self, tokens, targets, memory)
+def record_gradients(params, *a, **k):  # called after backward, before the optimizer step
+    params = list(params)
+    torch.save({"grads": [p.grad for p in params], "batch": seen[0]}, os.path.join(sys.argv[2], os.environ["RANK"] + ".pt"))
+    return clip(params, *a, **k)
+train_lm.LanguageModel.forward = record_batch
+torch.nn.utils.clip_grad_norm_ = record_gradients
+train_lm.main(train_lm.parse_args(sys.argv[3:]))
+"""
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
-@pytest.mark.parametrize("kind", KINDS)
+def test_ddp_ranks_read_their_own_streams_and_average_their_gradients(corpus, tmp_path):
+    """Two gloo processes, one step: rank r must read streams 2r and 2r + 1 of the four contiguous
+    streams of the training split, and both ranks must hold the gradient that one process computes on
+    the two batches concatenated (the gradients are averaged across ranks)."""
+    (tmp_path / "driver.py").write_text(DDP_DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "driver.py"), HERE, str(tmp_path), "--data", str(corpus), "--memory", "xl",
+                           "--out", str(tmp_path / "ddp"), "--batch-size", "2", "--max-steps", "1", "--device", "cpu",
+                           "--eval-streams", "2", "--log-seconds", "0"], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ranks = [torch.load(tmp_path / f"{r}.pt") for r in (0, 1)]
+    _, data = train_lm.tokenize(train_lm.split_paths(str(corpus)))
+    ids, length = data["train"].long(), len(data["train"]) // 4
+    for r, dump in enumerate(ranks):
+        tokens, targets = dump["batch"]
+        for i in range(2):
+            stream = ids[(2 * r + i) * length:(2 * r + i + 1) * length]
+            assert torch.equal(tokens[i], stream[:8]) and torch.equal(targets[i], stream[1:9])
+    ckpt = torch.load(tmp_path / "ddp" / "ckpt.pt")
+    cfg = Config(**{k: ckpt["run"][k] for k in Config.__dataclass_fields__})
+    torch.manual_seed(0)  # rank 0's seed: DDP starts every rank from rank 0's weights
+    model = train_lm.LanguageModel(cfg, tie=True)
+    tokens, targets = (torch.cat(parts) for parts in zip(*(d["batch"] for d in ranks)))
+    nll, _, kl = model(tokens, targets, None)
+    (nll.mean() + kl).backward()
+    assert sum(g is not None and g.abs().sum() > 0 for g in ranks[1]["grads"]) > 10
+    for p, g0, g1 in zip(model.parameters(), ranks[0]["grads"], ranks[1]["grads"]):
+        g0, g1, ref = (torch.zeros_like(p) if g is None else g for g in (g0, g1, p.grad))
+        torch.testing.assert_close(g0, ref, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(g1, ref, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
+@pytest.mark.parametrize("kind", ["compressive", "infinite", "sticky"])  # xl: the test above
 def test_two_process_torchrun_on_cpu(kind, corpus, tmp_path):
     """gloo DDP, as on several GPUs. The corpus's rare words leave tail clusters of the adaptive
     softmax without a target in most batches: their parameters get no gradient on that rank."""

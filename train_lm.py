@@ -14,13 +14,16 @@ whole streams, memory carried (for infinite and sticky also the valid perplexity
 Z_LTM zeroed: how much the model relies on its LTM), and writes results.json and a
 checkpoint under --out. Several seeds: one run per --seed, each with its own --out.
 
-Where the output layer departs from Transformer-XL's: PyTorch's nn.AdaptiveLogSoftmaxWithLoss
+Where the training departs from Transformer-XL's: PyTorch's nn.AdaptiveLogSoftmaxWithLoss
 gives each tail cluster a projection of its own (d -> d / 4^i, d with --tie) and has no output
-biases; Transformer-XL's has biases and, with div_val 1, shares the projections.
+biases (Transformer-XL's has biases and, with div_val 1, shares the projections); AdamW's weight
+decay 0.01 applies to every parameter, LayerNorms and embeddings included (Transformer-XL: Adam,
+no weight decay).
 """
 import argparse
 import array
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -81,10 +84,19 @@ def read_ids(path, index, grow):
     """Token ids of a file; with grow, unseen words get new ids, else they map to <unk>."""
     ids, unk = array.array("i"), index.get("<unk>")
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            words = line.split() + ["<eos>"]
-            ids.extend([index.setdefault(w, len(index)) for w in words] if grow else
-                       [index.get(w, unk) for w in words])
+        try:
+            for line in f:
+                words = line.split() + ["<eos>"]
+                ids.extend([index.setdefault(w, len(index)) for w in words] if grow else
+                           [index.get(w, unk) for w in words])
+        except UnicodeDecodeError:  # find the line, to name it
+            with open(path, "rb") as raw:
+                for number, line in enumerate(raw, 1):
+                    try:
+                        line.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise UserError(f"{path}, line {number}: not UTF-8 text (byte {line[e.start:e.end]!r}); "
+                                        "WikiText files are UTF-8") from None
     return torch.frombuffer(ids, dtype=torch.int32).clone() if len(ids) else torch.zeros(0, dtype=torch.int32)
 
 
@@ -231,8 +243,6 @@ def atomic_save(obj, path):
 
 def load_checkpoint(path, run):
     """Read a checkpoint and check that it belongs to this configuration; UserError if not."""
-    if not os.path.isfile(path):
-        raise UserError(f"--resume {path}: no such file")
     try:
         ckpt = torch.load(path, map_location="cpu")
         saved_run = ckpt["run"]
@@ -309,6 +319,10 @@ def parse_args(argv=None):
         p.error("--kl-weight must be >= 0")
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available on this machine")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out}: a file of that name exists; give a folder")
+    if args.resume and not os.path.isfile(args.resume):  # before the corpus is read, which can take minutes
+        p.error(f"--resume {args.resume}: no such file")
     args.dtype = args.dtype or ("bf16" if args.device.type == "cuda" else "float32")
     return args
 
@@ -320,7 +334,9 @@ def main(args):
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # The other ranks wait in a barrier while rank 0 tokenises WikiText-103 (minutes) and runs the
+        # evaluations (the final one: three passes over valid and test), longer than NCCL's 10 minutes.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
     log = print if rank == 0 else (lambda *a, **k: None)
     os.makedirs(args.out, exist_ok=True)
 

@@ -13,9 +13,16 @@ segment and short-term memory fails as S grows; one that remembers everything ca
   torchrun --nproc_per_node=4 train_sort.py --preset paper --seeds 0 1 2   # Figure 2, several GPUs
 
 Every (memory, S, seed) is one run and one row of results.json; a run already there with the
-same configuration is not repeated, so an interrupted sweep continues where it stopped.
+same configuration, eval size and code (a fingerprint of this file and infformer.py) is not
+repeated, so an interrupted sweep continues where it stopped.
+
+Where the training departs from the authors': every step draws fresh sequences (the authors
+train on a fixed set of 8,000), so the model cannot memorise its training set, and the held-out
+sets come from seeds that training never draws.
 """
 import argparse
+import datetime
+import hashlib
 import json
 import math
 import os
@@ -246,10 +253,21 @@ def budget(cfg):
             "infinite": f"{stm} + LTM N={cfg.num_basis}", "sticky": f"{stm} + LTM N={cfg.num_basis}"}[cfg.memory]
 
 
+def code_fingerprint():
+    """A hash of the code that computes a result: an edit to either file makes finished runs stale."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256()
+    for name in ("infformer.py", "train_sort.py"):
+        with open(os.path.join(here, name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
 def run_config(cfg, seq_len, seed, args, world):
     """What a result was measured with (as JSON stores it): a finished run with the same one is reused."""
     return json.loads(json.dumps({**vars(cfg), "seq_len": seq_len, "steps": args.steps, "batch_size": args.batch_size,
-                                  "world_size": world, "lr": args.lr, "seed": seed, "dtype": args.dtype}))
+                                  "world_size": world, "lr": args.lr, "seed": seed, "dtype": args.dtype,
+                                  "eval_size": args.eval_size, "code": code_fingerprint()}))
 
 
 def reset_peak_memory(device):
@@ -482,25 +500,44 @@ def parse_args(argv=None):
         p.error("--lr must be positive")
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available on this machine")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out}: a file of that name exists; give a folder")
     args.dtype = args.dtype or ("bf16" if args.device.type == "cuda" else "float32")
     return args
+
+
+def load_results(path):
+    """The finished runs in results.json ([] if there is none). A file that does not parse stops the
+    run with one line, before anything can overwrite the rows it holds."""
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path) as f:
+            results = json.load(f)
+        keys = {"memory", "seq_len", "seed", "test_accuracy", "config"}
+        if not isinstance(results, list) or not all(isinstance(r, dict) and keys <= set(r) for r in results):
+            raise ValueError("not a list of runs")
+        return results
+    except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        print(f"train_sort.py: error: {path} is damaged ({e}); repair or move it, it was left as it is",
+              file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv=None):
     args = parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    path = os.path.join(args.out, "results.json")
+    results = load_results(path)
     if world > 1:  # launched by torchrun: one process per GPU (nccl), or per CPU worker (gloo)
         if args.device.type == "cuda":
             args.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(args.device)
-        torch.distributed.init_process_group("nccl" if args.device.type == "cuda" else "gloo")
+        # While rank 0 evaluates and runs the diagnostics, the other ranks wait in a collective;
+        # a paper-preset evaluation (1,024 sequences of 16,000 tokens) can outlast NCCL's 10 minutes.
+        torch.distributed.init_process_group("nccl" if args.device.type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(hours=2))
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "results.json")
-    try:
-        with open(path) as f:
-            results = json.load(f)
-    except (OSError, ValueError):
-        results = []
     finished = {(r["memory"], r["seq_len"], r["seed"]): r for r in results}
     test_sets = {}
     try:
