@@ -161,8 +161,12 @@ class TiedEmbedding(nn.Module):
 
     def forward(self, tokens):
         sm = self.softmax[0]
-        table = torch.cat([sm.head.weight[:sm.shortlist_size]] + [tail[1].weight for tail in sm.tail])  # (V, d)
-        return F.embedding(tokens, table)
+        tables = [sm.head.weight[:sm.shortlist_size]] + [tail[1].weight for tail in sm.tail]  # rows 0.., c_1.., ...
+        out = 0  # each cluster's rows looked up in place: concatenating the (V, d) table cost more than a
+        for table, start in zip(tables, [0] + sm.cutoffs[:-1]):  # whole forward of a generated token
+            inside = (tokens >= start) & (tokens < start + table.size(0))
+            out = out + F.embedding((tokens - start).clamp(0, table.size(0) - 1), table) * inside.unsqueeze(-1)
+        return out  # (..., d)
 
 
 class LanguageModel(nn.Module):
