@@ -418,7 +418,7 @@ class InfFormer(nn.Module):
 
     def forward(self, tokens, memory=None, commit=True):
         """commit=False reads the memory but writes nothing: it returns `memory` itself and, for sticky,
-        draws no random numbers (generation runs a partial segment so, see generate)."""
+        draws no random numbers (generate runs a segment that is not yet full so)."""
         cfg = self.cfg
         memory = self.init_memory(tokens.size(0)) if memory is None else memory
         if memory.stm[0].size(0) != tokens.size(0):

@@ -295,7 +295,8 @@ def device(name):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="train_lm.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="train_lm.py", description=__doc__,  # prog: the same name under pytest
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="folder with the WikiText train/valid/test files (required to train)")
     p.add_argument("--memory", choices=["xl", "compressive", "infinite", "sticky"], default="xl",
                    help="memory kind (default xl)")
