@@ -428,7 +428,9 @@ class InfFormer(nn.Module):
         empty = lambda: [w.new_zeros(batch_size, 0, self.cfg.d_model) for _ in self.blocks]
         return Memory(empty(), empty(), empty())
 
-    def forward(self, tokens, memory=None):
+    def forward(self, tokens, memory=None, commit=True):
+        """commit=False reads the memory but writes nothing: it returns `memory` itself and, for sticky,
+        draws no random numbers (generate runs a segment that is not yet full so)."""
         cfg = self.cfg
         memory = self.init_memory(tokens.size(0)) if memory is None else memory
         if memory.stm[0].size(0) != tokens.size(0):
@@ -442,6 +444,8 @@ class InfFormer(nn.Module):
             x, mu, var = block(x, stm, cmem, ltm)
             if var is not None:
                 kl = kl + gaussian_kl(var, cfg.sigma_0).mean() / cfg.n_layers
+            if not commit:
+                continue
             # Short-term memory: keep the last mem_len layer inputs; older ones are evicted.
             window = torch.cat([stm, x_in], dim=1)  # (bs, m+T, d)
             n_evict = max(0, window.size(1) - cfg.mem_len)
@@ -457,4 +461,41 @@ class InfFormer(nn.Module):
             new.ltm.append(ltm)
         x = self.ln_f(x)
         out = self.head(x) if self.head is not None else x
-        return out, new, cfg.kl_weight * kl
+        return out, new if commit else memory, cfg.kl_weight * kl
+
+    @torch.no_grad()
+    def generate(self, prompt, num_tokens, output=None, temperature=1.0, top_k=None, seed=0):
+        """Sample num_tokens tokens after prompt (bs, P >= 1) from a fresh memory; yields, one step at a
+        time, the sampled tokens (bs,) and their log-probabilities (bs,) under the model (before the
+        temperature and top-k). output maps the hidden states (bs, d) of a model with lm_head=False to
+        logits or log-probabilities (not needed with the model's own head). Call it in eval() mode.
+
+        The memory is written exactly as in training and scoring: a token sees the committed memory
+        plus its own segment's prefix, and a segment enters the memory once it is full. So each new
+        token runs the model on its partial segment with commit=False (writing nothing, drawing none
+        of sticky's random numbers), and a full segment gets the normal forward, whose memory is kept.
+        That recomputes up to seg_len positions per token instead of caching keys and values: simpler,
+        exact, and still a cost per token bounded by seg_len × window, whatever the length of the text.
+        Tokens are drawn from a generator of their own (seed), so that torch's global RNG feeds only
+        sticky's writes, in the same order as when scoring the same text after the same torch.manual_seed.
+        """
+        if prompt.size(1) < 1 or not temperature > 0 or (output is None and self.head is None):
+            raise ValueError("generate needs a prompt of at least one token, a positive temperature, and "
+                             "output= when the model has no head of its own (lm_head=False)")
+        output = nn.Identity() if output is None else output  # with its own head, the model already returns logits
+        L = self.cfg.seg_len
+        rng = torch.Generator(prompt.device).manual_seed(seed)
+        memory, seg = self.init_memory(prompt.size(0)), prompt
+        while seg.size(1) > L:  # the prompt's full segments, except a last one
+            _, memory, _ = self(seg[:, :L], memory)
+            seg = seg[:, L:]
+        for _ in range(num_tokens):
+            commit = seg.size(1) == L  # the segment is full: write it, as scoring would
+            hidden, new, _ = self(seg, memory, commit=commit)  # (bs, T, d)
+            log_p = F.log_softmax(output(hidden[:, -1]).float(), dim=-1)  # (bs, V)
+            logits = log_p / temperature
+            if top_k is not None and top_k < logits.size(-1):
+                logits = logits.masked_fill(logits < logits.topk(top_k).values[:, -1:], -math.inf)
+            token = torch.multinomial(logits.softmax(-1), 1, generator=rng)  # (bs, 1)
+            yield token[:, 0], log_p.gather(1, token)[:, 0]
+            memory, seg = (new, token) if commit else (memory, torch.cat([seg, token], dim=1))

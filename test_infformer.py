@@ -586,6 +586,7 @@ import collections  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -1164,3 +1165,91 @@ def test_two_process_torchrun_on_cpu(kind, corpus, tmp_path):
     assert len(ckpt["memory"]) == 2 and len(ckpt["pos"]) == 2  # both ranks' memories are saved
     assert [s for s, _ in r["valid_history"]] == [2, 4]  # rank 0 validates while the other waits
     assert proc.stdout.count("valid ppl") == 3  # only rank 0 evaluates and logs: steps 2 and 4, the end
+
+
+# ----- generation
+
+
+def generated(model, prompt, n, seed, **kw):
+    """Tokens (bs, n) and their log-probabilities (bs, n) from model.generate, sticky seeded with seed."""
+    torch.manual_seed(seed)
+    tokens, log_p = zip(*model.generate(prompt, n, seed=1, **kw))
+    return torch.stack(tokens, 1), torch.stack(log_p, 1)
+
+
+def scored(model, text, seed):
+    """log p of text[:, 1:] from the normal segment-by-segment forward over the whole text, and the memory."""
+    outs, memory = run_segments(model, text, seed)
+    log_p = torch.log_softmax(torch.cat(outs, 1), -1)  # (bs, n, V)
+    return log_p[:, :-1].gather(2, text[:, 1:, None])[..., 0], memory, log_p
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_generation_assigns_the_log_probs_that_scoring_the_same_text_gives(kind):
+    """Prompt and samples, scored from a fresh memory in whole segments: every sampled token must get
+    the log-probability that generation gave it. 11 + 45 tokens are 7 segments of 8: the LTM is written
+    after segment 2 and read from segment 3 on, and sticky's draws must come in the same order."""
+    model = give_ltm_weights(tiny(kind))
+    prompt = torch.randint(0, 23, (3, 11))  # longer than a segment, not a multiple of it
+    tokens, log_p = generated(model, prompt, 45, seed=5, temperature=0.8)
+    text = torch.cat([prompt, tokens], 1)
+    expected, memory, _ = scored(model, text, seed=5)
+    assert kind not in ("infinite", "sticky") or memory.ltm[0].size(1) == 16
+    torch.testing.assert_close(log_p, expected[:, 10:], rtol=0, atol=1e-5)
+    if kind == "sticky":  # the test can tell sticky's draws apart
+        assert (scored(model, text, seed=6)[0][:, 10:] - log_p).abs().amax() > 1e-4
+
+
+def test_top_k_samples_among_the_k_most_likely_words_only():
+    model = give_ltm_weights(tiny("infinite"))
+    prompt = torch.randint(0, 23, (2, 3))
+    for k in (1, 4):
+        tokens, _ = generated(model, prompt, 30, seed=0, top_k=k)
+        text = torch.cat([prompt, tokens], 1)
+        _, _, log_p = scored(model, text, seed=0)
+        rank = (log_p[:, 2:-1] > log_p[:, 2:-1].gather(2, tokens[..., None])).sum(-1)  # words more likely
+        assert rank.max() < k and (k == 1 or rank.max() > 0)  # k = 1: the most likely word every time
+
+
+def test_generate_from_a_checkpoint_alone_in_a_fresh_process(corpus, tmp_path, capsys):
+    """best.pt and ckpt.pt hold the configuration and the vocabulary: with the data folder gone, a new
+    process samples from them; the same seed gives the same text, another seed another."""
+    train_lm.main(lm_args(corpus, tmp_path / "run", "--memory", "sticky", "--eval-every", "3"))
+    vocab, _ = train_lm.tokenize(train_lm.split_paths(str(corpus)))
+    shutil.rmtree(corpus)
+    capsys.readouterr()
+    best, last = str(tmp_path / "run" / "best.pt"), str(tmp_path / "run" / "ckpt.pt")
+    model, saved_vocab = train_lm.load_model(last)  # the full checkpoint: optimizer, memories, RNG states
+    assert saved_vocab == vocab and not model.training and model.body.cfg.memory == "sticky"
+    argv = ["--generate", best, "--prompt", "w1 zebra w2", "--tokens", "40", "--device", "cpu"]
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "train_lm.py"), *argv, "--seed", "1"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr == "note: not in the vocabulary, read as <unk>: zebra\n"
+    text = proc.stdout[:-1]  # print's newline
+    assert text.startswith("w1 <unk> w2 ") and len(text.split()) + text.count("\n") == 3 + 40  # <eos>: a line break
+    assert set(text.split()) <= set(vocab) - {"<eos>"}
+    train_lm.cli(argv + ["--seed", "1", "--log-seconds", "0"])
+    out, err = capsys.readouterr()
+    assert out == proc.stdout and "40/40 words" in err  # the progress line
+    train_lm.cli(argv + ["--seed", "2"])
+    assert capsys.readouterr().out != proc.stdout
+
+
+def test_generate_rejects_bad_input_in_one_clear_line(tmp_path, capsys):
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "foreign.pt")
+    gen = ["--generate", str(tmp_path / "foreign.pt")]
+    for argv, message in [(["--generate", str(tmp_path / "none.pt")], "none.pt: no such file"),
+                          (["--generate", str(tmp_path / "garbage.pt")], "not a readable checkpoint"),
+                          (gen, "not a train_lm.py checkpoint with its vocabulary (no config, vocab, tie, model)"),
+                          (gen + ["--temperature", "0"], "--temperature must be positive"),
+                          (gen + ["--tokens", "0"], "--tokens must be at least 1"),
+                          (gen + ["--top-k", "0"], "--top-k must be at least 1"),
+                          (["--out", str(tmp_path)], "--data is required to train")]:
+        with pytest.raises(SystemExit) as e:
+            train_lm.cli(argv)
+        err = capsys.readouterr().err
+        assert e.value.code != 0 and "Traceback" not in err
+        errors = [line for line in err.splitlines() if "error" in line]
+        assert len(errors) == 1 and errors[0].startswith("train_lm.py: error: ") and message in errors[0], err

@@ -6,13 +6,16 @@ Word-level language modelling on WikiText-103 with memories carried across segme
   python train_lm.py --data data/wikitext-103 --preset paper        # the paper's base model, one GPU
   torchrun --nproc_per_node=8 train_lm.py --data data/wikitext-103 --preset paper
   python train_lm.py --data data/wikitext-103 --resume runs/lm/ckpt.pt   # continue a run
+  python train_lm.py --generate runs/lm/ckpt.pt --prompt "The" --tokens 200  # sample text from a run
 
 --data holds wiki.{train,valid,test}.tokens (or train.txt, valid.txt, test.txt). The
 token ids are cached beside the data (or under --out if that folder is read-only) and
 rebuilt when the files change. The run ends with the valid and test perplexity over the
 whole streams, memory carried (for infinite and sticky also the valid perplexity with every
 Z_LTM zeroed: how much the model relies on its LTM), and writes results.json and a
-checkpoint under --out. Several seeds: one run per --seed, each with its own --out.
+checkpoint under --out. Several seeds: one run per --seed, each with its own --out. A checkpoint
+(ckpt.pt, best.pt) holds the configuration and the vocabulary too: load_model(path) gives the
+model and its vocabulary without the data, and --generate samples from it.
 
 Where the training departs from Transformer-XL's: PyTorch's nn.AdaptiveLogSoftmaxWithLoss
 gives each tail cluster a projection of its own (d -> d / 4^i, d with --tie) and has no output
@@ -23,6 +26,7 @@ no weight decay).
 import argparse
 import array
 import contextlib
+import dataclasses
 import datetime
 import json
 import math
@@ -169,8 +173,12 @@ class TiedEmbedding(nn.Module):
 
     def forward(self, tokens):
         sm = self.softmax[0]
-        table = torch.cat([sm.head.weight[:sm.shortlist_size]] + [tail[1].weight for tail in sm.tail])  # (V, d)
-        return F.embedding(tokens, table)
+        tables = [sm.head.weight[:sm.shortlist_size]] + [tail[1].weight for tail in sm.tail]  # rows 0.., c_1.., ...
+        out = 0  # each cluster's rows looked up in place: concatenating the (V, d) table cost more than a
+        for table, start in zip(tables, [0] + sm.cutoffs[:-1]):  # whole forward of a generated token
+            inside = (tokens >= start) & (tokens < start + table.size(0))
+            out = out + F.embedding((tokens - start).clamp(0, table.size(0) - 1), table) * inside.unsqueeze(-1)
+        return out  # (..., d)
 
 
 class LanguageModel(nn.Module):
@@ -254,6 +262,27 @@ def load_checkpoint(path, run):
     return ckpt
 
 
+def load_model(path, device="cpu"):
+    """The LanguageModel saved in best.pt or ckpt.pt (eval mode, on device) and its vocabulary (list of
+    str), from the file alone: no data folder needed. A missing, damaged or foreign file is a UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)  # plain dicts, lists, tensors
+    except Exception as e:
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}); the file may be damaged")
+    missing = [k for k in ("config", "vocab", "tie", "model") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UserError(f"{path}: not a train_lm.py checkpoint with its vocabulary (no {', '.join(missing)}); "
+                        "runs saved before checkpoints carried it must be retrained")
+    try:
+        model = LanguageModel(Config(**ckpt["config"]), ckpt["tie"])
+        model.load_state_dict(ckpt["model"])
+    except Exception as e:
+        raise UserError(f"{path}: its weights do not fit its configuration ({type(e).__name__}: {e})".split("\n")[0])
+    return model.to(device).eval(), ckpt["vocab"]
+
+
 def rng_state():
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
@@ -276,8 +305,9 @@ def device(name):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="folder with the WikiText train/valid/test files")
+    p = argparse.ArgumentParser(prog="train_lm.py", description=__doc__,  # prog: the same name under pytest
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", help="folder with the WikiText train/valid/test files (required to train)")
     p.add_argument("--memory", choices=["xl", "compressive", "infinite", "sticky"], default="xl",
                    help="memory kind (default xl)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="model and training setting (default cpu)")
@@ -302,7 +332,15 @@ def parse_args(argv=None):
                    "best weights go to best.pt and are the ones evaluated at the end (default: only the last)")
     p.add_argument("--resume", help="checkpoint to continue from (the same configuration)")
     p.add_argument("--log-seconds", type=float, default=5.0, help="seconds between progress lines (default 5)")
+    g = p.add_argument_group("generation (instead of training)")
+    g.add_argument("--generate", metavar="CKPT", help="print text sampled from a saved run (best.pt or ckpt.pt)")
+    g.add_argument("--prompt", default="", help="words the text starts with (default: none, as after a line end)")
+    g.add_argument("--tokens", type=int, default=200, help="words to sample (default 200)")
+    g.add_argument("--temperature", type=float, default=1.0, help="divides the logits (default 1.0)")
+    g.add_argument("--top-k", type=int, help="sample among the k most likely words only (default: all)")
     args = p.parse_args(argv)
+    if args.data is None and args.generate is None:
+        p.error("--data is required to train (or --generate CKPT to sample from a saved run)")
     preset = PRESETS[args.preset]
     for key in ("batch_size", "max_steps", "lr"):
         if getattr(args, key) is None:
@@ -310,11 +348,13 @@ def parse_args(argv=None):
     args.warmup, args.clip, args.model = min(preset["warmup"], args.max_steps), preset["clip"], dict(preset["model"])
     if args.kl_weight is not None:
         args.model["kl_weight"] = args.kl_weight
-    for key in ("batch_size", "max_steps", "eval_streams", "save_every", "eval_every"):
+    for key in ("batch_size", "max_steps", "eval_streams", "save_every", "eval_every", "tokens", "top_k"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
     if not args.lr > 0 or (args.max_minutes is not None and not args.max_minutes > 0):
         p.error("--lr and --max-minutes must be positive")
+    if not args.temperature > 0:
+        p.error("--temperature must be positive")
     if args.kl_weight is not None and not args.kl_weight >= 0:
         p.error("--kl-weight must be >= 0")
     if args.device.type == "cuda" and not torch.cuda.is_available():
@@ -353,6 +393,7 @@ def main(args):
     train_data = batchify(data["train"], args.batch_size * world)[rank * args.batch_size:(rank + 1) * args.batch_size]
 
     cfg = Config(vocab_size=len(vocab), memory=args.memory, lm_head=False, **args.model)
+    portable = {"config": dataclasses.asdict(cfg), "vocab": vocab, "tie": args.tie}  # load_model needs only these
     run = {**vars(cfg), "tie": args.tie, "batch_size": args.batch_size, "world_size": world,
            "max_steps": args.max_steps, "lr": args.lr, "warmup": args.warmup, "clip": args.clip, "seed": args.seed,
            "train_tokens": len(data["train"])}
@@ -398,7 +439,7 @@ def main(args):
             states = [state]
         if rank == 0:
             mem, positions, rngs = zip(*states)
-            atomic_save({"run": run, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            atomic_save({**portable, "run": run, "model": model.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "step": step, "pos": list(positions), "memory": list(mem),
                          "rng": list(rngs), "history": history,
                          "minutes": minutes_before + (time.time() - start) / 60}, path)
@@ -414,7 +455,8 @@ def main(args):
             best = min((p for _, p in history), default=math.inf)
             history.append((step, ppl))
             if ppl < best:
-                atomic_save({"run": run, "model": model.state_dict(), "step": step, "valid_ppl": ppl}, best_path)
+                atomic_save({**portable, "run": run, "model": model.state_dict(), "step": step, "valid_ppl": ppl},
+                            best_path)
             log(f"step {step} | valid ppl {ppl:.2f} | best {min(ppl, best):.2f}", flush=True)
         if world > 1:
             dist.barrier()
@@ -519,13 +561,46 @@ def main(args):
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":
-    args = parse_args()
+def generate(args):
+    """--generate: the prompt and args.tokens sampled words on stdout (<eos> as a line break), progress on stderr."""
+    model, vocab = load_model(args.generate, args.device)
+    index = {w: i for i, w in enumerate(vocab)}
+    words = args.prompt.split()
+    unknown = [w for w in words if w not in index]
+    if unknown:
+        print(f"note: not in the vocabulary, read as <unk>: {' '.join(unknown)}", file=sys.stderr)
+    ids = [index["<eos>"]] + [index.get(w, index["<unk>"]) for w in words]  # the text starts after a line end
+    torch.manual_seed(args.seed)  # for sticky's memory writes; the words are drawn from a generator of their own
+    steps = model.body.generate(torch.tensor([ids], device=args.device), args.tokens, model.softmax.log_prob,
+                                args.temperature, args.top_k, seed=args.seed)
+    sampled, start = [], time.time()
+    last_log = start  # a progress line every --log-seconds: long outputs only
+    for token, _ in steps:
+        sampled.append(token.item())
+        if time.time() - last_log >= args.log_seconds:
+            print(f"{len(sampled):,}/{args.tokens:,} words, {1000 * (time.time() - start) / len(sampled):.1f} ms "
+                  "per word", file=sys.stderr, flush=True)
+            last_log = time.time()
+    lines = [[]]
+    for w in [vocab[i] for i in ids[1:] + sampled]:
+        if w == "<eos>":
+            lines.append([])
+        else:
+            lines[-1].append(w)
+    print("\n".join(" ".join(line) for line in lines))
+
+
+def cli(argv=None):
+    args = parse_args(argv)
     try:
-        main(args)
+        generate(args) if args.generate else main(args)
     except UserError as e:
         print(f"train_lm.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"\ninterrupted outside training; checkpoints, if any, are in {args.out}", file=sys.stderr)
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    cli()
