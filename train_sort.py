@@ -137,8 +137,8 @@ def peak_memory_mb(device):
 
 
 def sample_streams(batch, seq_len, gen):
-    """Streams (B, S), token j drawn from (1 − j/S)·p_init + (j/S)·p_final; p_init, p_final (B, 20) from 1..9."""
-    p = torch.randint(1, 10, (2, batch, N_SYMBOLS), generator=gen).float()
+    """Streams (B, S), token j drawn from (1 − j/S)·p_init + (j/S)·p_final, and p_init, p_final (B, 20)."""
+    p = torch.randint(1, 10, (2, batch, N_SYMBOLS), generator=gen).float()  # integers 1..9, normalised
     p_init, p_final = (p / p.sum(-1, keepdim=True)).unbind(0)
     j = (torch.arange(1, seq_len + 1) / seq_len)[None, :, None]  # (1, S, 1)
     probs = (1 - j) * p_init[:, None] + j * p_final[:, None]  # (B, S, 20)
@@ -188,7 +188,7 @@ def target_logits(model, inputs, seg_len, autocast):
 
 
 class SymbolEmbedding(torch.nn.Module):
-    """Answer tokens (21 + s) read as symbol s plus an "answering" vector: the model must know it is answering."""
+    """The model's embedding, with answer tokens (21 + s) read as symbol s plus a learned "answering" vector."""
 
     def __init__(self, embedding):
         super().__init__()
@@ -249,8 +249,9 @@ def ltm_reads(model, inputs, args, autocast, ablate=False):
     model.train()
     for h in hooks:
         h.remove()
-    n = len(blocks) if len(ltm) >= len(blocks) else 0  # 0: no LTM, or never written (under three segments)
-    last = zip(stm[len(stm) - n:], ltm[len(ltm) - n:])  # the last segment's, which holds the answers
+    if not blocks or len(ltm) < len(blocks):  # no LTM, or never written (a sequence of under three segments)
+        return [], logits
+    last = zip(stm[-len(blocks):], ltm[-len(blocks):])  # the last segment's, which holds the answers
     return [tuple(t.float().cpu() for t in (z_stm[:, -N_SYMBOLS:], z[:, -N_SYMBOLS:], mu, var))
             for z_stm, (z, mu, var) in last], logits
 
@@ -311,8 +312,10 @@ def run_config(cfg, seq_len, seed, args, world):
 def progress(kind, step, args, window, diag, seconds, tokens_per_step):
     """A progress line: mean loss and accuracy since the last one, the latest LTM diagnostics, speed and ETA."""
     loss, acc = (sum(v) / len(window) for v in zip(*window))
-    ltm = (f" | LTM/STM {' '.join(f'{x:.2f}' for x in diag['ltm_share'])} | σ "
-           f"{' '.join(f'{m:.2f}' for m, _ in diag['sigma'])} | LTM use {100 * diag['ltm_use']:+.1f} pts") if diag else ""
+    ltm = ""
+    if diag:
+        ltm = (f" | LTM/STM {' '.join(f'{x:.2f}' for x in diag['ltm_share'])} | σ "
+               f"{' '.join(f'{m:.2f}' for m, _ in diag['sigma'])} | LTM use {100 * diag['ltm_use']:+.1f} pts")
     return (f"{kind} step {step}/{args.steps} | loss {loss:.3f} | acc {acc:.3f}{ltm} | "
             f"{tokens_per_step * step / seconds:,.0f} tok/s | ETA {seconds / step * (args.steps - step) / 60:.1f} min")
 
@@ -337,8 +340,7 @@ def train(kind, seq_len, seed, args, valid_set, test_set, rank, world):
     diag_seconds, window, history = 0.0, [], []
     probe = tuple(t[:32] for t in valid_set)  # a fixed held-out batch for the diagnostics
     for step in range(args.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.lr, args.warmup, args.steps, floor=0.1)
+        opt.param_groups[0]["lr"] = lr_at(step, args.lr, args.warmup, args.steps, floor=0.1)  # AdamW's one group
         inputs, targets = (t.to(device) for t in make_batch(args.batch_size, seq_len, gen))
         logits, kl = target_logits(ddp, inputs, args.seg_len, autocast)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
