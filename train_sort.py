@@ -14,7 +14,7 @@ Every (memory, S, seed) is one run and one row of results.json; a run already th
 eval size and code (a hash of this file and infformer.py) is not repeated, so an interrupted sweep continues.
 Where the training departs from the authors': every step draws fresh sequences (they train on a fixed 8,000), so
 the model cannot memorise its training set, and the held-out sets come from seeds that training never draws.
-train_lm.py imports the plumbing section from here, so the two don't repeat it (infformer.py is the model only).
+train_lm.py imports its plumbing from here, so the scripts don't repeat it; infformer.py holds the model, not plumbing.
 """
 import argparse
 import datetime
