@@ -682,6 +682,26 @@ def test_evaluate_scores_the_twenty_answers_over_every_segment():
     assert train_sort.evaluate(SortOracle(carry=False), inputs, targets, args, no_autocast) < 0.9
 
 
+def test_ltm_diagnostics_read_the_answer_positions():
+    """μ and σ² in the diagnostics are those of the 20 answer queries of the last segment, as the
+    LTM read itself (recorded by a hook) gave them; Z is the read at the same positions."""
+    cfg = Config(vocab_size=train_sort.VOCAB, d_model=32, n_layers=2, n_heads=4, d_ff=64, seg_len=32, mem_len=32,
+                 num_basis=16, basis_widths=(0.05, 0.2), num_samples=16, memory="infinite")
+    torch.manual_seed(0)
+    model = give_ltm_weights(train_sort.make_model(cfg))
+    reads = []
+    model.blocks[1].ltm.register_forward_hook(lambda m, i, out: reads.append(out))
+    inputs, _ = train_sort.make_batch(3, 100, torch.Generator().manual_seed(0))
+    args = train_sort.parse_args(["--device", "cpu"])
+    args.seg_len = 32
+    (_, z, mu, var), = train_sort.ltm_reads(model, inputs, args, torch.autocast("cpu", enabled=False))[0][1:]
+    z_ref, mu_ref, var_ref = reads[-1]
+    assert mu.shape == (3, 4, 20)
+    torch.testing.assert_close(mu, mu_ref[..., -20:])
+    torch.testing.assert_close(var, var_ref[..., -20:])
+    torch.testing.assert_close(z, z_ref[:, -20:])
+
+
 def test_count_ranking_reference_matches_brute_force():
     inputs, targets = train_sort.make_batch(32, 300, torch.Generator().manual_seed(0))
     for window in (50, 300):

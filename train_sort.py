@@ -236,7 +236,7 @@ def evaluate(model, inputs, targets, args, autocast):
 
 @torch.no_grad()
 def ltm_reads(model, inputs, args, autocast, ablate=False):
-    """Per layer with an LTM, the last segment's Z_STM, Z_LTM at the answers (bs, 20, d) and μ, σ² (bs, H, T) in
+    """Per layer with an LTM, the last segment's Z_STM, Z_LTM (bs, 20, d) and μ, σ² (bs, H, 20) at the answers, in
     float32 on the CPU ([] if no LTM was read); and the logits at the answers. With ablate, every Z_LTM is zero."""
     blocks = [b for b in model.blocks if b.ltm is not None]
     stm, ltm = [], []  # every segment's Z_STM and (Z_LTM, μ, σ²), layer after layer
@@ -252,7 +252,8 @@ def ltm_reads(model, inputs, args, autocast, ablate=False):
     if not blocks or len(ltm) < len(blocks):  # no LTM, or never written (a sequence of under three segments)
         return [], logits
     last = zip(stm[-len(blocks):], ltm[-len(blocks):])  # the last segment's, which holds the answers
-    return [tuple(t.float().cpu() for t in (z_stm[:, -N_SYMBOLS:], z[:, -N_SYMBOLS:], mu, var))
+    return [tuple(t.float().cpu() for t in (z_stm[:, -N_SYMBOLS:], z[:, -N_SYMBOLS:],  # (bs, T, d): T is dim 1
+                                            mu[..., -N_SYMBOLS:], var[..., -N_SYMBOLS:]))  # (bs, H, T): the last
             for z_stm, (z, mu, var) in last], logits
 
 
@@ -274,7 +275,7 @@ def ltm_diagnostics(model, inputs, targets, args, autocast):
 
 @seeded
 def ltm_densities(model, inputs, args, autocast):
-    """Where the LTM's Gaussians put their mass: per layer, N(t; μ, σ²) on GRID, mean over batch, heads, queries."""
+    """Where the LTM's Gaussians put their mass: per layer, N(t; μ, σ²) on GRID, mean over batch, heads, answers."""
     reads, _ = ltm_reads(model, inputs, args, autocast)
     return [(torch.exp(-(GRID - mu[..., None]) ** 2 / (2 * var[..., None])) / torch.sqrt(2 * math.pi * var[..., None]))
             .mean((0, 1, 2)) for _, _, mu, var in reads]
