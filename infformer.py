@@ -209,29 +209,34 @@ class UnboundedMemory(Float32Constants):
         return ridge_matrix(t, *self.basis64, self.cfg.ridge)
 
     @torch.no_grad()  # the stored coefficients are detached: no gradient flows across segments
-    def forward(self, coeffs, x_new, mu=None, var=None):
-        """coeffs (bs, N, d), or (bs, 0, d) when empty; x_new (bs, L, d); μ, σ² of the last read for sticky.
+    def forward(self, coeffs, x_new, mu=None, var=None, first=None):
+        """coeffs (bs, N, d), or (bs, 0, d) when empty; x_new (bs, L, d); μ, σ² of the last read for sticky;
+        first (bs,) bool: the streams whose write is a first write (after a per-stream reset), or None.
 
         Returns the new coefficients (bs, N, d).
         """
         L, M = x_new.size(1), self.cfg.num_samples
         with torch.autocast(x_new.device.type, enabled=False):  # float32 (or better) even under autocast
             x_new, coeffs = x_new.to(self.G_first.dtype), coeffs.to(self.G_first.dtype)
-            if coeffs.size(1) == 0:  # first write after a reset
+            if coeffs.size(1) == 0 or first is not None:  # first write after a reset
                 # A shorter one (sorting's first chunk) takes only the last L of the seg_len cells, so
                 # each vector stands for as much of the timeline as a full segment's (over all of
                 # [0, 1] it outweighed later tokens up to 19 times), and the empty cells are fitted as
                 # zero vectors (left free, the wide basis functions carried the values far into them;
                 # README, "Sorting"): B = G_firstᵀ [0; X] = G_first[-L:]ᵀ X, no solve needed.
                 G = self.G_first[-L:] if L <= self.cfg.seg_len else self._first_matrix(L).to(x_new)
-                return G.T @ x_new  # B = Gᵀ X
+                first_write = G.T @ x_new  # B = Gᵀ X
+                if coeffs.size(1) == 0:
+                    return first_write
             G = self.G_update if L == self.cfg.seg_len else self._update_matrix(L).to(x_new)
             if mu is None:  # uniform: x_old(i/M)
                 x_old = self.psi_uniform @ coeffs  # (bs, M, d)
             else:  # sticky: x_old at positions drawn where attention went
                 s = sticky_positions(mu.to(x_new), var.to(x_new), self.cfg.sticky_bins, M)  # (bs, M)
                 x_old = basis_at(s, self.centers, self.widths) @ coeffs  # (bs, M, d)
-            return G[:M].T @ x_old + G[M:].T @ x_new  # Bᵀ = [X_old; X_new]ᵀ G
+            update = G[:M].T @ x_old + G[M:].T @ x_new  # Bᵀ = [X_old; X_new]ᵀ G
+            # Both for every stream, one kept per stream: no loop over streams.
+            return update if first is None else torch.where(first[:, None, None], first_write, update)
 
 
 # -----------------------------------------------------------------------------
@@ -314,9 +319,16 @@ class Memory:
     stm: list  # (bs, m, d), m <= mem_len: the last layer inputs
     cmem: list  # (bs, c, d), c <= cmem_len: compressed evicted layer inputs ("compressive")
     ltm: list  # (bs, N, d): long-term memory coefficients B; (bs, 0, d) before the first write
+    # After a per-stream reset (None before any): per stream (bs,), the tokens seen since its reset and the
+    # compressed slots written since; the visible memory slots, the valid evicted states and whether the
+    # next LTM write is a first write all follow from them. Streams never reset count as full.
+    seen: torch.Tensor = None
+    pooled: torch.Tensor = None
 
     def to(self, *args, **kwargs):
-        return Memory(*[[t.to(*args, **kwargs) for t in ts] for ts in (self.stm, self.cmem, self.ltm)])
+        stm, cmem, ltm = ([t.to(*args, **kwargs) for t in ts] for ts in (self.stm, self.cmem, self.ltm))
+        counts = (None if c is None else c.to(stm[0].device) for c in (self.seen, self.pooled))  # stay integers
+        return Memory(stm, cmem, ltm, *counts)
 
 
 torch.serialization.add_safe_globals([Memory])  # so torch.load(weights_only=True) can read a saved Memory
@@ -354,8 +366,9 @@ class Block(Float32Constants):
         inv_freq = 1.0 / 10000 ** (torch.arange(0, self.d_head - 1, 2, dtype=torch.float32) / self.d_head)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, x, stm, cmem, ltm):
-        """x (bs, T, d); stm (bs, m, d); cmem (bs, c, d); ltm (bs, N, d) or (bs, 0, d).
+    def forward(self, x, stm, cmem, ltm, n_visible=None):
+        """x (bs, T, d); stm (bs, m, d); cmem (bs, c, d); ltm (bs, N, d) or (bs, 0, d); n_visible (bs,) or None:
+        per stream, how many of the last [cmem; stm] slots it may see (after a reset), else all.
 
         Returns the layer output (bs, T, d) and the LTM read's μ, σ² (bs, H, T), or None.
         """
@@ -368,6 +381,9 @@ class Block(Float32Constants):
         angles = torch.outer(torch.arange(W, device=x.device, dtype=self.inv_freq.dtype), self.inv_freq)  # (W, dh/2)
         cos, sin = angles.cos(), angles.sin()
         causal = torch.ones(T, W, dtype=torch.bool, device=x.device).tril(W - T)  # query i sees keys <= W-T+i
+        if n_visible is not None:  # a reset stream sees only the window's last n_visible + T slots: as a fresh
+            # run's window, so RoPE gives the same query-key distances  (bs, 1, T, W)
+            causal = causal & (torch.arange(W, device=x.device) >= W - T - n_visible[:, None])[:, None, None]
         z = F.scaled_dot_product_attention(rotate(q, cos[-T:], sin[-T:]), rotate(k, cos, sin), v,
                                            attn_mask=causal, dropout_p=self.dropout if self.training else 0.0)
         y = self.proj(z.transpose(1, 2).reshape(bs, T, d))  # Z_STM
@@ -390,7 +406,12 @@ class InfFormer(nn.Module):
       new_memory to pass to the next segment (detached);
       kl the KL regulariser already weighted by cfg.kl_weight: add it to the loss (0 without LTM).
 
-    The memory holds one row per stream of the batch, and a reset (init_memory) is batch-wide.
+    The memory holds one row per stream of the batch. init_memory(bs) resets them all;
+    reset_memory(memory, done) resets some (a new document in those streams), between two segments
+    (resets on segment boundaries): those streams then see none of their old memory slots and
+    make a first LTM write, exactly as from init_memory, the others go on untouched. The compressed
+    memory is exact after a reset when mem_len is a multiple of seg_len (otherwise the one slot
+    that pools states from both sides of it averages the new ones with zeros).
     When the LTM is first used: with seg_len = mem_len, segment 1 only fills the STM; segment 2
     evicts segment 1's layer inputs, which are written to the LTM at the end of segment 2's
     forward pass; segment 3 is the first to read the LTM. Sticky sampling draws from torch's
@@ -428,6 +449,24 @@ class InfFormer(nn.Module):
         empty = lambda: [w.new_zeros(batch_size, 0, self.cfg.d_model) for _ in self.blocks]
         return Memory(empty(), empty(), empty())
 
+    def reset_memory(self, memory, done):
+        """done (bs,) bool: the streams where it is True continue exactly as from init_memory, the others
+        untouched. Their slots stay in the tensors, hidden by the counts; their LTM is zeroed, so it
+        reads zeros until their first write. Without a reset in done, the memory is returned as is."""
+        bs = memory.stm[0].size(0)
+        if done.shape != (bs,) or done.dtype != torch.bool:
+            raise ValueError(f"reset_memory: done must be a ({bs},) bool tensor, one flag per stream; "
+                             f"got {done.dtype} of shape {tuple(done.shape)}")
+        if not done.any():
+            return memory
+        if done.all():
+            return self.init_memory(bs)
+        done = done.to(memory.stm[0].device)
+        count = lambda c, full: torch.full((bs,), full, device=done.device) if c is None else c
+        seen = torch.where(done, 0, count(memory.seen, self.cfg.mem_len + 1))  # mem_len + 1: everything valid
+        pooled = torch.where(done, 0, count(memory.pooled, self.cfg.cmem_len))
+        return Memory(memory.stm, memory.cmem, [b.masked_fill(done[:, None, None], 0) for b in memory.ltm], seen, pooled)
+
     def forward(self, tokens, memory=None, commit=True):
         """commit=False reads the memory but writes nothing: it returns `memory` itself and, for sticky,
         draws no random numbers (generate runs a segment that is not yet full so)."""
@@ -439,25 +478,38 @@ class InfFormer(nn.Module):
         x = self.drop(self.tok_emb(tokens))  # (bs, T, d)
         new = Memory([], [], [])
         kl = x.new_zeros(())
+        seen, T, n_visible, keep, first = memory.seen, tokens.size(1), None, None, None
+        if seen is not None:  # since a per-stream reset: what each stream may use follows from its counts
+            m, c = memory.stm[0].size(1), memory.cmem[0].size(1)
+            n_evict = max(0, m + T - cfg.mem_len)
+            n_visible = seen.clamp(max=m) + memory.pooled.clamp(max=c)  # a suffix of [cmem; stm]
+            n_valid = (seen + T - cfg.mem_len).clamp(0, n_evict)  # evicted states seen since the reset: the last ones
+            keep = (torch.arange(n_evict, device=x.device) >= n_evict - n_valid[:, None]).unsqueeze(-1)  # (bs, n_evict, 1)
+            first = seen <= cfg.mem_len  # its LTM (zeros) holds nothing since the reset: its next write is a first
+            new.seen, new.pooled = seen + T, memory.pooled + (n_valid + cfg.compress_rate - 1) // cfg.compress_rate
         for block, stm, cmem, ltm in zip(self.blocks, memory.stm, memory.cmem, memory.ltm):
             x_in = x.detach()
-            x, mu, var = block(x, stm, cmem, ltm)
+            x, mu, var = block(x, stm, cmem, ltm, n_visible)
             if var is not None:
-                kl = kl + gaussian_kl(var, cfg.sigma_0).mean() / cfg.n_layers
+                kl_read = gaussian_kl(var, cfg.sigma_0)  # (bs, H, T)
+                if first is not None:  # a stream whose LTM is empty since its reset reads zeros: no KL for it
+                    kl_read = kl_read * ~first[:, None, None]
+                kl = kl + kl_read.mean() / cfg.n_layers
             if not commit:
                 continue
             # Short-term memory: keep the last mem_len layer inputs; older ones are evicted.
             window = torch.cat([stm, x_in], dim=1)  # (bs, m+T, d)
             n_evict = max(0, window.size(1) - cfg.mem_len)
-            evicted = window[:, :n_evict]
+            evicted = window[:, :n_evict] if keep is None else window[:, :n_evict] * keep  # pre-reset states:
             new.stm.append(window[:, n_evict:])
-            if cfg.memory == "compressive" and n_evict > 0:  # mean-pool compress_rate states per slot
+            if cfg.memory == "compressive" and n_evict > 0:  # zeros, entering no memory. Mean-pool compress_rate states per slot
                 pooled = F.avg_pool1d(evicted.transpose(1, 2), cfg.compress_rate, ceil_mode=True).transpose(1, 2)
                 cmem = torch.cat([cmem, pooled], dim=1)[:, -cfg.cmem_len:]
             new.cmem.append(cmem)
             if self.write_ltm is not None and n_evict > 0:  # the evicted states go to the LTM,
                 with torch.no_grad():  # normalised as the STM attention saw them; no graph needed
-                    ltm = self.write_ltm(ltm, block.ln1(evicted), *((mu, var) if cfg.memory == "sticky" else ()))
+                    x_ltm = block.ln1(evicted) if keep is None else block.ln1(evicted) * keep
+                    ltm = self.write_ltm(ltm, x_ltm, *((mu, var) if cfg.memory == "sticky" else (None, None)), first)
             new.ltm.append(ltm)
         x = self.ln_f(x)
         out = self.head(x) if self.head is not None else x

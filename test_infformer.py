@@ -572,6 +572,51 @@ def test_memory_moves_and_saves():
     assert all(torch.equal(a, b) for a, b in zip(loaded.ltm + loaded.stm, memory.ltm + memory.stm))
 
 
+def segments_after(model, memory, tokens, seed):
+    torch.manual_seed(seed)
+    outs = []
+    with torch.no_grad():
+        for seg in tokens.split(model.cfg.seg_len, dim=1):
+            out, memory, _ = model(seg, memory)
+            outs.append(out)
+    return torch.stack(outs), memory
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_reset_stream_starts_afresh_and_the_others_go_on_untouched(kind, monkeypatch):
+    """Three streams run 4 segments (STM, compressed memory and LTM full, the LTM read), then stream 1
+    is reset (the memory saved, loaded and moved on the way) and all run 5 more. Stream 1 must give
+    what a fresh single-stream run of its new tokens gives; streams 0 and 2 exactly what they give
+    without the reset. Sticky's draws are per stream (torch.multinomial draws M numbers for each row in
+    turn), so the other streams are bit-identical too; the fresh run draws other numbers than stream 1
+    of the batch, so for that comparison sticky's positions are made deterministic: a stream's own
+    sorted μ, which still depend on its own reads only."""
+    model = give_ltm_weights(tiny(kind))
+    before, after = torch.randint(0, 23, (3, 32)), torch.randint(0, 23, (3, 40))
+    _, memory = run_segments(model, before)
+    assert kind not in ("infinite", "sticky") or (memory.ltm[0].size(1) == 16 and memory.ltm[0].abs().sum() > 0)
+    reset = model.reset_memory(memory, torch.tensor([False, True, False]))
+    buf = io.BytesIO()
+    torch.save(reset, buf)
+    buf.seek(0)
+    reset = torch.load(buf, weights_only=True).to(torch.float64).to(torch.float32)
+    assert reset.seen.dtype == torch.long
+    a, _ = segments_after(model, reset, after, seed=1)
+    b, _ = segments_after(model, memory, after, seed=1)
+    assert torch.equal(a[:, [0, 2]], b[:, [0, 2]])
+    assert (a[:, 1] - b[:, 1]).abs().amax() > 1e-3
+    monkeypatch.setattr(infformer, "sticky_positions", lambda mu, var, D, M: mu.flatten(1).sort(-1).values[:, ::2])
+    a, _ = segments_after(model, reset, after, seed=1)
+    fresh, _ = segments_after(model, model.init_memory(1), after[1:2], seed=1)
+    torch.testing.assert_close(a[:, 1], fresh[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_reset_memory_refuses_a_bad_done_clearly():
+    model = tiny("infinite")
+    with pytest.raises(ValueError, match=r"done must be a \(2,\) bool tensor"):
+        model.reset_memory(model.init_memory(2), torch.tensor([1, 0]))
+
+
 @pytest.mark.parametrize("field,value", [("memory", "lstm"), ("tau", 0.0), ("tau", 1.0), ("num_basis", 1),
                                          ("num_basis", 7), ("basis_widths", (0.1, -0.1)), ("ridge", 0.0),
                                          ("ridge", -1.0), ("d_model", 30), ("mem_len", -1), ("seg_len", 0)])
