@@ -631,6 +631,7 @@ import collections  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
@@ -921,11 +922,11 @@ def test_token_cache_is_reused_and_rebuilt_when_files_change(corpus, tmp_path, c
     assert "tokenising" in capsys.readouterr().out and len(data2["test"]) == len(data["test"]) + 3
 
 
-def untrained_perplexity(r, data):
+def untrained_perplexity(r, data, docs):
     cfg = Config(**{k: r["config"][k] for k in Config.__dataclass_fields__})
     torch.manual_seed(r["config"]["seed"])
     model = train_lm.LanguageModel(cfg, r["config"]["tie"])
-    return train_lm.perplexity(model, data, 3, cfg.seg_len, "cpu", torch.autocast("cpu", enabled=False))
+    return train_lm.perplexity(model, data, 3, cfg.seg_len, "cpu", torch.autocast("cpu", enabled=False), docs)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -937,15 +938,15 @@ def test_train_lm_trains_and_evaluates_on_the_held_out_splits(kind, corpus, tmp_
     assert {"memory", "valid_ppl", "test_ppl", "tokens_per_second", "peak_memory_mb", "minutes", "config"} <= set(r)
     assert r["memory"] == kind and r["steps"] == 6 and r["evaluated"] == "last"
     _, data = train_lm.tokenize(train_lm.split_paths(str(corpus)))
-    assert r["valid_ppl"] < 0.6 * untrained_perplexity(r, data["valid"])
+    assert r["valid_ppl"] < 0.6 * untrained_perplexity(r, data["valid"], data["valid_docs"])
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", map_location="cpu")
     cfg = Config(**{k: ckpt["run"][k] for k in Config.__dataclass_fields__})
     model = train_lm.LanguageModel(cfg, tie=True)
     model.load_state_dict(ckpt["model"])
-    ppl = {s: round(train_lm.perplexity(model, data[s], 3, cfg.seg_len, "cpu", contextlib.nullcontext()), 2)
+    ppl = {s: train_lm.perplexity(model, data[s], 3, cfg.seg_len, "cpu", contextlib.nullcontext(), data[f"{s}_docs"])
            for s in ("valid", "test", "train")}
-    assert (r["valid_ppl"], r["test_ppl"]) == (ppl["valid"], ppl["test"])
-    assert len({ppl["valid"], ppl["test"], ppl["train"]}) == 3  # the three splits are told apart
+    assert (r["valid_ppl"], r["test_ppl"]) == (round(ppl["valid"], 2), round(ppl["test"], 2))
+    assert len({ppl["valid"], ppl["test"], ppl["train"]}) == 3  # the three splits are told apart (unrounded)
 
 
 def test_the_kl_term_reaches_the_language_models_gradient(corpus, tmp_path):
@@ -975,7 +976,8 @@ def test_lm_reports_the_valid_perplexity_without_the_ltm_read(kind, corpus, tmp_
     model = train_lm.LanguageModel(cfg, tie=True)
     model.load_state_dict(ckpt["model"])
     _, data = train_lm.tokenize(train_lm.split_paths(str(corpus)))
-    ppl = lambda: round(train_lm.perplexity(model, data["valid"], 3, cfg.seg_len, "cpu", contextlib.nullcontext()), 2)
+    ppl = lambda: round(train_lm.perplexity(model, data["valid"], 3, cfg.seg_len, "cpu", contextlib.nullcontext(),
+                                            data["valid_docs"]), 2)
     assert ppl() == r["valid_ppl"]
     for block in model.body.blocks:
         block.ltm.proj.weight.data.zero_()
@@ -1210,6 +1212,77 @@ def test_two_process_torchrun_on_cpu(kind, corpus, tmp_path):
     assert len(ckpt["memory"]) == 2 and len(ckpt["pos"]) == 2  # both ranks' memories are saved
     assert [s for s, _ in r["valid_history"]] == [2, 4]  # rank 0 validates while the other waits
     assert proc.stdout.count("valid ppl") == 3  # only rank 0 evaluates and logs: steps 2 and 4, the end
+
+
+def documents_text(n_docs, seed):
+    """WikiText-format articles: a blank line, ` = Title k = `, paragraphs and ` = = Section = = ` sub-headings."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for k in range(n_docs):
+        lines += ["", f" = Title{k} = ", ""]
+        for i in range(int(rng.integers(4, 16))):  # 40 to 160 words: longer and shorter than a segment
+            lines.append(" = = Section = = " if i % 3 == 2 else " " + " ".join(rng.choice(["w1", "w2", "w3", "w4"], 9)) + " ")
+    return "\n".join(lines) + "\n"
+
+
+def title_positions(text):
+    """Independently of train_lm: the token positions (words, <eos> at each line end) of ` = Title = ` lines."""
+    positions, n = [], 0
+    for line in text.split("\n")[:-1]:
+        if re.fullmatch(r" = [^=]+ = ", line):
+            positions.append(n)
+        n += len(line.split()) + 1
+    return positions
+
+
+def test_a_document_start_resets_that_streams_memory_in_training(corpus, tmp_path, monkeypatch):
+    """Over one epoch of one stream: the memory is reset exactly at the segments whose first target is a
+    title line's first word (so a document starts on a segment boundary), at every title, never at a
+    sub-heading."""
+    text = documents_text(8, seed=0)
+    (corpus / "wiki.train.tokens").write_text(text)
+    vocab, data = train_lm.tokenize(train_lm.split_paths(str(corpus)))
+    assert data["train_docs"].tolist() == title_positions(text)
+    steps = math.ceil((len(data["train"]) - 1) / 64) + 9  # more than one epoch: padding adds < 1 segment per title
+    seen, resets = [], []
+    forward, reset = train_lm.LanguageModel.forward, InfFormer.reset_memory
+    monkeypatch.setattr(train_lm.LanguageModel, "forward", lambda self, x, y, m: (self.training and seen.append(y.clone()), forward(self, x, y, m))[1])
+    monkeypatch.setattr(InfFormer, "reset_memory", lambda self, m, done: (self.training and resets.append((len(seen), done.clone())), reset(self, m, done))[1])
+    train_lm.main(lm_args(corpus, tmp_path / "r", "--memory", "xl", "--batch-size", "1", "--max-steps", str(steps)))
+    epoch = next(i for i in range(1, len(seen)) if torch.equal(seen[i], seen[0]))  # the second epoch starts
+    done_at = {step for step, done in resets if done.item() and step < epoch}
+    word = lambda y, i: vocab[y[0, i]]
+    title_at = {s for s in range(epoch) if (word(seen[s], 0), word(seen[s], 2)) == ("=", "=") and word(seen[s], 1) != "="}
+    assert done_at == title_at and sorted(word(seen[s], 1) for s in title_at) == [f"Title{k}" for k in range(8)]
+
+
+def test_per_document_perplexity_scores_every_token_once_from_a_fresh_memory(corpus):
+    """As the test above with memory carried, with documents: the fake model's memory (the previous
+    input) must be "none" at each document's first pair (its target: the title line's first word, its
+    input the line end before) and carried inside a document, every pair counted once."""
+    text = documents_text(9, seed=1)
+    (corpus / "wiki.valid.tokens").write_text(text)
+    _, data = train_lm.tokenize(train_lm.split_paths(str(corpus)))
+    ids, starts = data["valid"].tolist(), set(title_positions(text))
+
+    def g(prev, token, target):
+        return 1 + 0.01 * target + 0.003 * token + 0.0007 * prev
+
+    class Fake(torch.nn.Module):
+        def forward(self, tokens, targets, memory):
+            prev = torch.full((tokens.size(0), 1), -1) if memory is None else memory  # -1: a document's start
+            prev = torch.cat([prev, tokens[:, :-1]], 1)
+            return g(prev.double(), tokens.double(), targets.double()), tokens[:, -1:], 0.0
+
+        def reset_memory(self, memory, done):
+            return torch.where(done[:, None], -1, memory)
+
+    n = len(ids) - 1
+    total = sum(g(-1 if i == 0 or i + 1 in starts else ids[i - 1], ids[i], ids[i + 1]) for i in range(n))
+    for streams in (1, 3, 7):
+        ppl = train_lm.perplexity(Fake(), data["valid"], streams, 5, "cpu", torch.autocast("cpu", enabled=False),
+                                  data["valid_docs"])
+        assert ppl == pytest.approx(math.exp(total / n), rel=1e-12)
 
 
 # ----- generation
