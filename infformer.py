@@ -209,34 +209,29 @@ class UnboundedMemory(Float32Constants):
         return ridge_matrix(t, *self.basis64, self.cfg.ridge)
 
     @torch.no_grad()  # the stored coefficients are detached: no gradient flows across segments
-    def forward(self, coeffs, x_new, mu=None, var=None, first=None):
-        """coeffs (bs, N, d), or (bs, 0, d) when empty; x_new (bs, L, d); μ, σ² of the last read for sticky;
-        first (bs,) bool: the streams whose write is a first write (after a per-stream reset), or None.
+    def forward(self, coeffs, x_new, mu=None, var=None):
+        """coeffs (bs, N, d), or (bs, 0, d) when empty; x_new (bs, L, d); μ, σ² of the last read for sticky.
 
         Returns the new coefficients (bs, N, d).
         """
         L, M = x_new.size(1), self.cfg.num_samples
         with torch.autocast(x_new.device.type, enabled=False):  # float32 (or better) even under autocast
             x_new, coeffs = x_new.to(self.G_first.dtype), coeffs.to(self.G_first.dtype)
-            if coeffs.size(1) == 0 or first is not None:  # first write after a reset
+            if coeffs.size(1) == 0:  # first write after a reset
                 # A shorter one (sorting's first chunk) takes only the last L of the seg_len cells, so
                 # each vector stands for as much of the timeline as a full segment's (over all of
                 # [0, 1] it outweighed later tokens up to 19 times), and the empty cells are fitted as
                 # zero vectors (left free, the wide basis functions carried the values far into them;
                 # README, "Sorting"): B = G_firstᵀ [0; X] = G_first[-L:]ᵀ X, no solve needed.
                 G = self.G_first[-L:] if L <= self.cfg.seg_len else self._first_matrix(L).to(x_new)
-                first_write = G.T @ x_new  # B = Gᵀ X
-                if coeffs.size(1) == 0:
-                    return first_write
+                return G.T @ x_new  # B = Gᵀ X
             G = self.G_update if L == self.cfg.seg_len else self._update_matrix(L).to(x_new)
             if mu is None:  # uniform: x_old(i/M)
                 x_old = self.psi_uniform @ coeffs  # (bs, M, d)
             else:  # sticky: x_old at positions drawn where attention went
                 s = sticky_positions(mu.to(x_new), var.to(x_new), self.cfg.sticky_bins, M)  # (bs, M)
                 x_old = basis_at(s, self.centers, self.widths) @ coeffs  # (bs, M, d)
-            update = G[:M].T @ x_old + G[M:].T @ x_new  # Bᵀ = [X_old; X_new]ᵀ G
-            # Both for every stream, one kept per stream: no loop over streams.
-            return update if first is None else torch.where(first[:, None, None], first_write, update)
+            return G[:M].T @ x_old + G[M:].T @ x_new  # Bᵀ = [X_old; X_new]ᵀ G
 
 
 # -----------------------------------------------------------------------------
@@ -319,16 +314,13 @@ class Memory:
     stm: list  # (bs, m, d), m <= mem_len: the last layer inputs
     cmem: list  # (bs, c, d), c <= cmem_len: compressed evicted layer inputs ("compressive")
     ltm: list  # (bs, N, d): long-term memory coefficients B; (bs, 0, d) before the first write
-    # After a per-stream reset (None before any): per stream (bs,), the tokens seen since its reset and the
-    # compressed slots written since; the visible memory slots, the valid evicted states and whether the
-    # next LTM write is a first write all follow from them. Streams never reset count as full.
+    # (bs,) tokens seen since each stream's reset_memory (None before any: all valid): the visible memory
+    # slots, the valid evicted states and whether its next LTM write is a first write follow from it.
     seen: torch.Tensor = None
-    pooled: torch.Tensor = None
 
     def to(self, *args, **kwargs):
         stm, cmem, ltm = ([t.to(*args, **kwargs) for t in ts] for ts in (self.stm, self.cmem, self.ltm))
-        counts = (None if c is None else c.to(stm[0].device) for c in (self.seen, self.pooled))  # stay integers
-        return Memory(stm, cmem, ltm, *counts)
+        return Memory(stm, cmem, ltm, None if self.seen is None else self.seen.to(stm[0].device))  # stays integer
 
 
 torch.serialization.add_safe_globals([Memory])  # so torch.load(weights_only=True) can read a saved Memory
@@ -406,12 +398,10 @@ class InfFormer(nn.Module):
       new_memory to pass to the next segment (detached);
       kl the KL regulariser already weighted by cfg.kl_weight: add it to the loss (0 without LTM).
 
-    The memory holds one row per stream of the batch. init_memory(bs) resets them all;
-    reset_memory(memory, done) resets some (a new document in those streams), between two segments
-    (resets on segment boundaries): those streams then see none of their old memory slots and
-    make a first LTM write, exactly as from init_memory, the others go on untouched. The compressed
-    memory is exact after a reset when mem_len is a multiple of seg_len (otherwise the one slot
-    that pools states from both sides of it averages the new ones with zeros).
+    The memory holds one row per stream of the batch. init_memory resets all; reset_memory some (a new
+    document), on a segment boundary of segments of seg_len tokens, exactly as from init_memory. The
+    compressed memory is exact then if compress_rate divides seg_len and mem_len (else it hides some of
+    its new slots, never an old one, until it has turned over).
     When the LTM is first used: with seg_len = mem_len, segment 1 only fills the STM; segment 2
     evicts segment 1's layer inputs, which are written to the LTM at the end of segment 2's
     forward pass; segment 3 is the first to read the LTM. Sticky sampling draws from torch's
@@ -451,21 +441,18 @@ class InfFormer(nn.Module):
 
     def reset_memory(self, memory, done):
         """done (bs,) bool: the streams where it is True continue exactly as from init_memory, the others
-        untouched. Their slots stay in the tensors, hidden by the counts; their LTM is zeroed, so it
-        reads zeros until their first write. Without a reset in done, the memory is returned as is."""
+        untouched. Their old slots stay, hidden by Memory.seen; their LTM reads zeros until its first write."""
         bs = memory.stm[0].size(0)
         if done.shape != (bs,) or done.dtype != torch.bool:
-            raise ValueError(f"reset_memory: done must be a ({bs},) bool tensor, one flag per stream; "
-                             f"got {done.dtype} of shape {tuple(done.shape)}")
-        if not done.any():
-            return memory
-        if done.all():
-            return self.init_memory(bs)
+            raise ValueError(f"reset_memory: done must be a ({bs},) bool tensor, not {done.dtype} "
+                             f"{tuple(done.shape)}")
+        if done.all() or not done.any():  # no per-stream counts needed
+            return self.init_memory(bs) if done.all() else memory
         done = done.to(memory.stm[0].device)
-        count = lambda c, full: torch.full((bs,), full, device=done.device) if c is None else c
-        seen = torch.where(done, 0, count(memory.seen, self.cfg.mem_len + 1))  # mem_len + 1: everything valid
-        pooled = torch.where(done, 0, count(memory.pooled, self.cfg.cmem_len))
-        return Memory(memory.stm, memory.cmem, [b.masked_fill(done[:, None, None], 0) for b in memory.ltm], seen, pooled)
+        full = self.cfg.mem_len + self.cfg.cmem_len * self.cfg.compress_rate  # a stream never reset: all valid
+        seen = torch.where(done, 0, full if memory.seen is None else memory.seen)
+        ltm = [b.masked_fill(done[:, None, None], 0) for b in memory.ltm]
+        return Memory(memory.stm, memory.cmem, ltm, seen)
 
     def forward(self, tokens, memory=None, commit=True):
         """commit=False reads the memory but writes nothing: it returns `memory` itself and, for sticky,
@@ -480,36 +467,37 @@ class InfFormer(nn.Module):
         kl = x.new_zeros(())
         seen, T, n_visible, keep, first = memory.seen, tokens.size(1), None, None, None
         if seen is not None:  # since a per-stream reset: what each stream may use follows from its counts
-            m, c = memory.stm[0].size(1), memory.cmem[0].size(1)
+            m, rate = memory.stm[0].size(1), cfg.compress_rate
+            n_pooled = ((seen - cfg.mem_len).clamp(min=0) + rate - 1) // rate  # slots of the evicted states since
+            n_visible = seen.clamp(max=m) + n_pooled.clamp(max=memory.cmem[0].size(1))  # a suffix of [cmem; stm]
             n_evict = max(0, m + T - cfg.mem_len)
-            n_visible = seen.clamp(max=m) + memory.pooled.clamp(max=c)  # a suffix of [cmem; stm]
             n_valid = (seen + T - cfg.mem_len).clamp(0, n_evict)  # evicted states seen since the reset: the last ones
-            keep = (torch.arange(n_evict, device=x.device) >= n_evict - n_valid[:, None]).unsqueeze(-1)  # (bs, n_evict, 1)
+            keep = (torch.arange(n_evict, device=x.device) >= n_evict - n_valid[:, None])[..., None]  # (bs, n_evict, 1)
             first = seen <= cfg.mem_len  # its LTM (zeros) holds nothing since the reset: its next write is a first
-            new.seen, new.pooled = seen + T, memory.pooled + (n_valid + cfg.compress_rate - 1) // cfg.compress_rate
+            new.seen = seen + T
         for block, stm, cmem, ltm in zip(self.blocks, memory.stm, memory.cmem, memory.ltm):
             x_in = x.detach()
             x, mu, var = block(x, stm, cmem, ltm, n_visible)
             if var is not None:
-                kl_read = gaussian_kl(var, cfg.sigma_0)  # (bs, H, T)
-                if first is not None:  # a stream whose LTM is empty since its reset reads zeros: no KL for it
-                    kl_read = kl_read * ~first[:, None, None]
-                kl = kl + kl_read.mean() / cfg.n_layers
+                kl_read = gaussian_kl(var, cfg.sigma_0)  # (bs, H, T); none for a stream whose LTM is empty (reset)
+                kl = kl + (kl_read if first is None else kl_read * ~first[:, None, None]).mean() / cfg.n_layers
             if not commit:
                 continue
             # Short-term memory: keep the last mem_len layer inputs; older ones are evicted.
             window = torch.cat([stm, x_in], dim=1)  # (bs, m+T, d)
             n_evict = max(0, window.size(1) - cfg.mem_len)
-            evicted = window[:, :n_evict] if keep is None else window[:, :n_evict] * keep  # pre-reset states:
+            evicted = window[:, :n_evict] if keep is None else window[:, :n_evict] * keep  # pre-reset ones: zeros
             new.stm.append(window[:, n_evict:])
-            if cfg.memory == "compressive" and n_evict > 0:  # zeros, entering no memory. Mean-pool compress_rate states per slot
+            if cfg.memory == "compressive" and n_evict > 0:  # mean-pool compress_rate states per slot
                 pooled = F.avg_pool1d(evicted.transpose(1, 2), cfg.compress_rate, ceil_mode=True).transpose(1, 2)
                 cmem = torch.cat([cmem, pooled], dim=1)[:, -cfg.cmem_len:]
             new.cmem.append(cmem)
             if self.write_ltm is not None and n_evict > 0:  # the evicted states go to the LTM,
                 with torch.no_grad():  # normalised as the STM attention saw them; no graph needed
-                    x_ltm = block.ln1(evicted) if keep is None else block.ln1(evicted) * keep
-                    ltm = self.write_ltm(ltm, x_ltm, *((mu, var) if cfg.memory == "sticky" else (None, None)), first)
+                    ltm = self.write_ltm(ltm, block.ln1(evicted), *((mu, var) if cfg.memory == "sticky" else ()))
+                    if first is not None:  # a reset stream's first write: B = G_firstᵀ [0; X], its old states zeroed
+                        first_write = self.write_ltm(ltm[:, :0], block.ln1(evicted) * keep)  # (bs, 0, d): empty
+                        ltm = torch.where(first[:, None, None], first_write, ltm)
             new.ltm.append(ltm)
         x = self.ln_f(x)
         out = self.head(x) if self.head is not None else x
