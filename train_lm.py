@@ -10,12 +10,14 @@ Word-level language modelling on WikiText-103 with memories carried across segme
 
 --data holds wiki.{train,valid,test}.tokens (or train.txt, valid.txt, test.txt). The
 token ids are cached beside the data (or under --out if that folder is read-only) and
-rebuilt when the files change. The run ends with the valid and test perplexity over the
-whole streams, memory carried (for infinite and sticky also the valid perplexity with every
-Z_LTM zeroed: how much the model relies on its LTM), and writes results.json and a
-checkpoint under --out. Several seeds: one run per --seed, each with its own --out. A checkpoint
-(ckpt.pt, best.pt) holds the configuration and the vocabulary too: load_model(path) gives the
-model and its vocabulary without the data, and --generate samples from it.
+rebuilt when the files change. Each document (a ` = Title = ` line starts one) starts from an
+empty memory, in training and evaluation; --no-reset carries the memory across documents, as
+Transformer-XL on WikiText-103. The run ends with the valid and test perplexity (for infinite
+and sticky also the valid perplexity with every Z_LTM zeroed: how much the model relies on its
+LTM), and writes results.json and a checkpoint under --out. Several seeds: one run per --seed,
+each with its own --out. A checkpoint (ckpt.pt, best.pt) holds the configuration and the
+vocabulary too: load_model(path) gives the model and its vocabulary without the data, and
+--generate samples from it.
 
 Where the training departs from Transformer-XL's: PyTorch's nn.AdaptiveLogSoftmaxWithLoss
 gives each tail cluster a projection of its own (d -> d / 4^i, d with --tie) and has no output
@@ -164,7 +166,7 @@ def pack(ids, queues, align):
     (the gap before it padded and masked out)."""
     ceil = lambda n: -(-n // align) * align
     length = max(sum(ceil(b - a) for a, b in q) for q in queues)
-    inputs, targets = (torch.zeros(len(queues), length, dtype=torch.long) for _ in range(2))
+    inputs, targets = (torch.zeros(len(queues), length, dtype=ids.dtype) for _ in range(2))  # int32: WikiText-103
     mask, first = (torch.zeros(len(queues), length, dtype=torch.bool) for _ in range(2))
     for r, q in enumerate(queues):
         p = 0
@@ -182,7 +184,7 @@ def train_streams(ids, doc_starts, n_streams, seg_len, reset):
     a segment of padding per document (about 1% on WikiText-103)."""
     length = len(ids) // n_streams
     rows = [(r * length, (r + 1) * length - 1) for r in range(n_streams)]  # a row's last token only as a target
-    return pack(ids.long(), [documents(a, b, doc_starts) if reset else [(a, b)] for a, b in rows],
+    return pack(ids, [documents(a, b, doc_starts) if reset else [(a, b)] for a, b in rows],
                 seg_len if reset else 1)
 
 
@@ -263,13 +265,14 @@ def _perplexity(model, ids, n_streams, seg_len, device, autocast, doc_starts):
             r = sizes.index(min(sizes))
             queues[r].append((a, b))
             sizes[r] += math.ceil((b - a) / seg_len)
-    inputs, targets, mask, first = pack(ids.long(), queues, 1 if doc_starts is None else seg_len)
+    inputs, targets, mask, first = pack(ids, queues, 1 if doc_starts is None else seg_len)
     memory, total = None, 0.0
     for i in range(0, inputs.size(1), seg_len):
         if doc_starts is not None and memory is not None:
             memory = model.reset_memory(memory, first[:, i])
         with autocast:
-            nll, memory, _ = model(inputs[:, i:i + seg_len].to(device), targets[:, i:i + seg_len].to(device), memory)
+            x, y = (t[:, i:i + seg_len].long().to(device) for t in (inputs, targets))
+            nll, memory, _ = model(x, y, memory)
         total += (nll.double().cpu() * mask[:, i:i + seg_len]).sum().item()
     model.train()
     return math.exp(total / n)
@@ -531,7 +534,7 @@ def main(args):
         if args.reset:  # a stream whose next document starts here
             memory = model.body.reset_memory(memory, first[:, pos])
         with autocast:
-            nll, memory, kl = ddp(x.to(device), y.to(device), memory)
+            nll, memory, kl = ddp(x.long().to(device), y.long().to(device), memory)
         loss = nll.mean() if not args.reset else (nll * real.to(device)).sum() / real.sum().clamp_min(1).to(device)
         opt.zero_grad(set_to_none=True)
         (loss + kl).backward()
