@@ -592,6 +592,9 @@ def test_a_reset_stream_starts_afresh_and_the_others_go_on_untouched(kind, monke
     of the batch, so for that comparison sticky's positions are made deterministic: a stream's own
     sorted μ, which still depend on its own reads only."""
     model = give_ltm_weights(tiny(kind))
+    with torch.no_grad():  # a LayerNorm bias: a zeroed state, layer-normalised, is not zero
+        for block in model.blocks:
+            block.ln1.bias.uniform_(-0.5, 0.5)
     before, after = torch.randint(0, 23, (3, 32)), torch.randint(0, 23, (3, 40))
     _, memory = run_segments(model, before)
     assert kind not in ("infinite", "sticky") or (memory.ltm[0].size(1) == 16 and memory.ltm[0].abs().sum() > 0)
@@ -1238,22 +1241,36 @@ def title_positions(text):
 def test_a_document_start_resets_that_streams_memory_in_training(corpus, tmp_path, monkeypatch):
     """Over one epoch of one stream: the memory is reset exactly at the segments whose first target is a
     title line's first word (so a document starts on a segment boundary), at every title, never at a
-    sub-heading."""
+    sub-heading; each document takes ceil(pairs / 64) segments, and the loss is the mean NLL over its
+    real pairs only (its last segment's padding masked out)."""
     text = documents_text(8, seed=0)
     (corpus / "wiki.train.tokens").write_text(text)
     vocab, data = train_lm.tokenize(train_lm.split_paths(str(corpus)))
     assert data["train_docs"].tolist() == title_positions(text)
     steps = math.ceil((len(data["train"]) - 1) / 64) + 9  # more than one epoch: padding adds < 1 segment per title
-    seen, resets = [], []
-    forward, reset = train_lm.LanguageModel.forward, InfFormer.reset_memory
-    monkeypatch.setattr(train_lm.LanguageModel, "forward", lambda self, x, y, m: (self.training and seen.append(y.clone()), forward(self, x, y, m))[1])
+    seen, nlls, resets, losses = [], [], [], []
+    forward, reset, backward = train_lm.LanguageModel.forward, InfFormer.reset_memory, torch.Tensor.backward
+
+    def record_forward(self, x, y, m):
+        out = forward(self, x, y, m)
+        if self.training:
+            seen.append(y.clone()), nlls.append(out[0].detach())
+        return out
+
+    monkeypatch.setattr(train_lm.LanguageModel, "forward", record_forward)
     monkeypatch.setattr(InfFormer, "reset_memory", lambda self, m, done: (self.training and resets.append((len(seen), done.clone())), reset(self, m, done))[1])
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: (losses.append(self.item()), backward(self, *a, **k))[1])
     train_lm.main(lm_args(corpus, tmp_path / "r", "--memory", "xl", "--batch-size", "1", "--max-steps", str(steps)))
     epoch = next(i for i in range(1, len(seen)) if torch.equal(seen[i], seen[0]))  # the second epoch starts
     done_at = {step for step, done in resets if done.item() and step < epoch}
     word = lambda y, i: vocab[y[0, i]]
     title_at = {s for s in range(epoch) if (word(seen[s], 0), word(seen[s], 2)) == ("=", "=") and word(seen[s], 1) != "="}
     assert done_at == title_at and sorted(word(seen[s], 1) for s in title_at) == [f"Title{k}" for k in range(8)]
+    titles, n = title_positions(text), len(data["train"]) - 1  # a document's pairs: those whose target is in it
+    real = [min(64, pairs - i) for pairs in np.diff(titles + [n + 1]) for i in range(0, pairs, 64)]
+    assert len(real) == epoch
+    for s in range(epoch):  # xl: no KL term in the loss
+        assert losses[s] == pytest.approx(nlls[s][0, :real[s]].mean().item(), rel=1e-6)
 
 
 def test_per_document_perplexity_scores_every_token_once_from_a_fresh_memory(corpus):
