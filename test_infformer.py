@@ -614,6 +614,21 @@ def test_a_reset_stream_starts_afresh_and_the_others_go_on_untouched(kind, monke
     torch.testing.assert_close(a[:, 1], fresh[:, 0], rtol=1e-5, atol=1e-5)
 
 
+def test_a_reset_stream_adds_no_kl_term_until_its_ltm_is_written():
+    """Right after the reset, stream 1's LTM is empty: as in its own fresh run, its reads (of zeros) add
+    nothing; the KL term is kl_weight · mean over layers of Σ_{streams 0, 2} KL / (bs·H·T), recomputed
+    from the σ² of every read as ½ (σ²/σ₀² − log(σ²/σ₀²) − 1)."""
+    model = concentrate_reads(give_ltm_weights(tiny("infinite", kl_weight=0.5)), 0.5, 0.2)
+    _, memory = run_segments(model, torch.randint(0, 23, (3, 32)))
+    variances = []
+    for block in model.blocks:
+        block.ltm.register_forward_hook(lambda m, i, out: variances.append(out[2].double()))
+    _, _, kl = model(torch.randint(0, 23, (3, 8)), model.reset_memory(memory, torch.tensor([False, True, False])))
+    per_layer = [0.5 * (v / 0.05**2 - torch.log(v / 0.05**2) - 1) for v in variances]
+    expected = 0.5 * sum(k[[0, 2]].sum() / k.numel() for k in per_layer) / 2
+    assert len(variances) == 2 and kl.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_reset_memory_refuses_a_bad_done_clearly():
     model = tiny("infinite")
     with pytest.raises(ValueError, match=r"done must be a \(2,\) bool tensor"):
