@@ -359,8 +359,7 @@ class Block(Float32Constants):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, x, stm, cmem, ltm, n_visible=None):
-        """x (bs, T, d); stm (bs, m, d); cmem (bs, c, d); ltm (bs, N, d) or (bs, 0, d); n_visible (bs,) or None:
-        per stream, how many of the last [cmem; stm] slots it may see (after a reset), else all.
+        """x (bs, T, d); stm (bs, m, d); cmem (bs, c, d); ltm (bs, N, d) or (bs, 0, d); n_visible (bs,) or None.
 
         Returns the layer output (bs, T, d) and the LTM read's μ, σ² (bs, H, T), or None.
         """
@@ -373,8 +372,8 @@ class Block(Float32Constants):
         angles = torch.outer(torch.arange(W, device=x.device, dtype=self.inv_freq.dtype), self.inv_freq)  # (W, dh/2)
         cos, sin = angles.cos(), angles.sin()
         causal = torch.ones(T, W, dtype=torch.bool, device=x.device).tril(W - T)  # query i sees keys <= W-T+i
-        if n_visible is not None:  # a reset stream sees only the window's last n_visible + T slots: as a fresh
-            # run's window, so RoPE gives the same query-key distances  (bs, 1, T, W)
+        if n_visible is not None:  # after a reset_memory, stream b sees only the window's last n_visible[b] + T
+            # slots (None: all), those of a fresh run's window, so RoPE gives the same distances  (bs, 1, T, W)
             causal = causal & (torch.arange(W, device=x.device) >= W - T - n_visible[:, None])[:, None, None]
         z = F.scaled_dot_product_attention(rotate(q, cos[-T:], sin[-T:]), rotate(k, cos, sin), v,
                                            attn_mask=causal, dropout_p=self.dropout if self.training else 0.0)
@@ -400,8 +399,8 @@ class InfFormer(nn.Module):
 
     The memory holds one row per stream of the batch. init_memory resets all; reset_memory some (a new
     document), on a segment boundary of segments of seg_len tokens, exactly as from init_memory. The
-    compressed memory is exact then if compress_rate divides seg_len and mem_len (else it hides some of
-    its new slots, never an old one, until it has turned over).
+    compressed memory is exact then if compress_rate divides seg_len and mem_len (else, until it has
+    turned over, a few new slots are hidden or pooled with zeros; no old one is ever shown).
     When the LTM is first used: with seg_len = mem_len, segment 1 only fills the STM; segment 2
     evicts segment 1's layer inputs, which are written to the LTM at the end of segment 2's
     forward pass; segment 3 is the first to read the LTM. Sticky sampling draws from torch's
@@ -444,15 +443,13 @@ class InfFormer(nn.Module):
         untouched. Their old slots stay, hidden by Memory.seen; their LTM reads zeros until its first write."""
         bs = memory.stm[0].size(0)
         if done.shape != (bs,) or done.dtype != torch.bool:
-            raise ValueError(f"reset_memory: done must be a ({bs},) bool tensor, not {done.dtype} "
-                             f"{tuple(done.shape)}")
+            raise ValueError(f"reset_memory: done must be a ({bs},) bool tensor, not {done.dtype} {tuple(done.shape)}")
         if done.all() or not done.any():  # no per-stream counts needed
             return self.init_memory(bs) if done.all() else memory
         done = done.to(memory.stm[0].device)
         full = self.cfg.mem_len + self.cfg.cmem_len * self.cfg.compress_rate  # a stream never reset: all valid
         seen = torch.where(done, 0, full if memory.seen is None else memory.seen)
-        ltm = [b.masked_fill(done[:, None, None], 0) for b in memory.ltm]
-        return Memory(memory.stm, memory.cmem, ltm, seen)
+        return Memory(memory.stm, memory.cmem, [b.masked_fill(done[:, None, None], 0) for b in memory.ltm], seen)
 
     def forward(self, tokens, memory=None, commit=True):
         """commit=False reads the memory but writes nothing: it returns `memory` itself and, for sticky,
@@ -496,8 +493,8 @@ class InfFormer(nn.Module):
                 with torch.no_grad():  # normalised as the STM attention saw them; no graph needed
                     ltm = self.write_ltm(ltm, block.ln1(evicted), *((mu, var) if cfg.memory == "sticky" else ()))
                     if first is not None:  # a reset stream's first write: B = G_firstᵀ [0; X], its old states zeroed
-                        first_write = self.write_ltm(ltm[:, :0], block.ln1(evicted) * keep)  # (bs, 0, d): empty
-                        ltm = torch.where(first[:, None, None], first_write, ltm)
+                        fresh = self.write_ltm(ltm[:, :0], block.ln1(evicted) * keep)  # as into an empty LTM
+                        ltm = torch.where(first[:, None, None], fresh, ltm)
             new.ltm.append(ltm)
         x = self.ln_f(x)
         out = self.head(x) if self.head is not None else x
