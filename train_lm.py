@@ -114,8 +114,7 @@ def read_ids(path, index, grow):
 def tokenize(paths):
     """Vocabulary sorted by training frequency (the adaptive softmax needs frequent words first)."""
     index = {"<eos>": 0}
-    train, train_docs = read_ids(paths["train"], index, grow=True)
-    train = train.long()
+    train, train_docs = (t.long() for t in read_ids(paths["train"], index, grow=True))
     index.setdefault("<unk>", len(index))
     order = torch.argsort(-torch.bincount(train, minlength=len(index)), stable=True)  # ties: first seen first
     rank = torch.empty_like(order)
@@ -368,10 +367,9 @@ def parse_args(argv=None):
     p.add_argument("--kl-weight", type=float, help="weight of the KL regulariser on the LTM's densities "
                    "(infinite and sticky; default: Config's 1e-6)")
     p.add_argument("--eval-streams", type=int, default=10, help="streams the valid/test text is cut into (default 10)")
-    p.add_argument("--reset", action=argparse.BooleanOptionalAction, default=True,
-                   help="start each document (a ` = Title = ` line) from an empty memory, in training and "
-                   "evaluation (default); --no-reset carries the memory across documents, as Transformer-XL "
-                   "on WikiText-103")
+    p.add_argument("--reset", action=argparse.BooleanOptionalAction, default=True, help="start each document "
+                   "(a ` = Title = ` line) from an empty memory, in training and evaluation (default); --no-reset "
+                   "carries the memory across documents, as Transformer-XL on WikiText-103")
     p.add_argument("--tie", action=argparse.BooleanOptionalAction, default=True,
                    help="share the input embedding with the adaptive softmax (default: on)")
     p.add_argument("--dtype", choices=["float32", "bf16"], help="bf16: autocast, with the method's math and the "
@@ -443,7 +441,8 @@ def main(args):
     if len(data["train"]) < args.batch_size * world * 2:
         raise UserError(f"{args.data}: the training split has {len(data['train'])} tokens, too few for "
                         f"{args.batch_size * world} streams")
-    streams = train_streams(data["train"], data["train_docs"], args.batch_size * world, args.model["seg_len"], args.reset)
+    streams = train_streams(data["train"], data["train_docs"], args.batch_size * world, args.model["seg_len"],
+                            args.reset)
     inputs, targets, mask, first = (t[rank * args.batch_size:(rank + 1) * args.batch_size] for t in streams)
     docs = lambda split: data[f"{split}_docs"] if args.reset else None  # evaluation: per document, or carried over
 
