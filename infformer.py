@@ -314,9 +314,13 @@ class Memory:
     stm: list  # (bs, m, d), m <= mem_len: the last layer inputs
     cmem: list  # (bs, c, d), c <= cmem_len: compressed evicted layer inputs ("compressive")
     ltm: list  # (bs, N, d): long-term memory coefficients B; (bs, 0, d) before the first write
+    # (bs,) tokens seen since each stream's reset_memory (None before any: all valid): the visible memory
+    # slots, the valid evicted states and whether its next LTM write is a first write follow from it.
+    seen: torch.Tensor = None
 
     def to(self, *args, **kwargs):
-        return Memory(*[[t.to(*args, **kwargs) for t in ts] for ts in (self.stm, self.cmem, self.ltm)])
+        stm, cmem, ltm = ([t.to(*args, **kwargs) for t in ts] for ts in (self.stm, self.cmem, self.ltm))
+        return Memory(stm, cmem, ltm, None if self.seen is None else self.seen.to(stm[0].device))  # stays integer
 
 
 torch.serialization.add_safe_globals([Memory])  # so torch.load(weights_only=True) can read a saved Memory
@@ -354,8 +358,8 @@ class Block(Float32Constants):
         inv_freq = 1.0 / 10000 ** (torch.arange(0, self.d_head - 1, 2, dtype=torch.float32) / self.d_head)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, x, stm, cmem, ltm):
-        """x (bs, T, d); stm (bs, m, d); cmem (bs, c, d); ltm (bs, N, d) or (bs, 0, d).
+    def forward(self, x, stm, cmem, ltm, n_visible=None):
+        """x (bs, T, d); stm (bs, m, d); cmem (bs, c, d); ltm (bs, N, d) or (bs, 0, d); n_visible (bs,) or None.
 
         Returns the layer output (bs, T, d) and the LTM read's μ, σ² (bs, H, T), or None.
         """
@@ -368,6 +372,9 @@ class Block(Float32Constants):
         angles = torch.outer(torch.arange(W, device=x.device, dtype=self.inv_freq.dtype), self.inv_freq)  # (W, dh/2)
         cos, sin = angles.cos(), angles.sin()
         causal = torch.ones(T, W, dtype=torch.bool, device=x.device).tril(W - T)  # query i sees keys <= W-T+i
+        if n_visible is not None:  # after a reset_memory, stream b sees only the window's last n_visible[b] + T
+            # slots (None: all), those of a fresh run's window, so RoPE gives the same distances  (bs, 1, T, W)
+            causal = causal & (torch.arange(W, device=x.device) >= W - T - n_visible[:, None])[:, None, None]
         z = F.scaled_dot_product_attention(rotate(q, cos[-T:], sin[-T:]), rotate(k, cos, sin), v,
                                            attn_mask=causal, dropout_p=self.dropout if self.training else 0.0)
         y = self.proj(z.transpose(1, 2).reshape(bs, T, d))  # Z_STM
@@ -390,7 +397,10 @@ class InfFormer(nn.Module):
       new_memory to pass to the next segment (detached);
       kl the KL regulariser already weighted by cfg.kl_weight: add it to the loss (0 without LTM).
 
-    The memory holds one row per stream of the batch, and a reset (init_memory) is batch-wide.
+    The memory holds one row per stream of the batch. init_memory resets all; reset_memory some (a new
+    document), on a segment boundary of segments of seg_len tokens, exactly as from init_memory. The
+    compressed memory is exact then if compress_rate divides seg_len and mem_len (else, until it has
+    turned over, a few new slots are hidden or pooled with zeros; no old one is ever shown).
     When the LTM is first used: with seg_len = mem_len, segment 1 only fills the STM; segment 2
     evicts segment 1's layer inputs, which are written to the LTM at the end of segment 2's
     forward pass; segment 3 is the first to read the LTM. Sticky sampling draws from torch's
@@ -428,6 +438,19 @@ class InfFormer(nn.Module):
         empty = lambda: [w.new_zeros(batch_size, 0, self.cfg.d_model) for _ in self.blocks]
         return Memory(empty(), empty(), empty())
 
+    def reset_memory(self, memory, done):
+        """done (bs,) bool: the streams where it is True continue exactly as from init_memory, the others
+        untouched. Their old slots stay, hidden by Memory.seen; their LTM reads zeros until its first write."""
+        bs = memory.stm[0].size(0)
+        if done.shape != (bs,) or done.dtype != torch.bool:
+            raise ValueError(f"reset_memory: done must be a ({bs},) bool tensor, not {done.dtype} {tuple(done.shape)}")
+        if done.all() or not done.any():  # no per-stream counts needed
+            return self.init_memory(bs) if done.all() else memory
+        done = done.to(memory.stm[0].device)
+        full = self.cfg.mem_len + self.cfg.cmem_len * self.cfg.compress_rate  # a stream never reset: all valid
+        seen = torch.where(done, 0, full if memory.seen is None else memory.seen)
+        return Memory(memory.stm, memory.cmem, [b.masked_fill(done[:, None, None], 0) for b in memory.ltm], seen)
+
     def forward(self, tokens, memory=None, commit=True):
         """commit=False reads the memory but writes nothing: it returns `memory` itself and, for sticky,
         draws no random numbers (generate runs a segment that is not yet full so)."""
@@ -439,17 +462,28 @@ class InfFormer(nn.Module):
         x = self.drop(self.tok_emb(tokens))  # (bs, T, d)
         new = Memory([], [], [])
         kl = x.new_zeros(())
+        seen, T, n_visible, keep, first = memory.seen, tokens.size(1), None, None, None
+        if seen is not None:  # since a per-stream reset: what each stream may use follows from its counts
+            m, rate = memory.stm[0].size(1), cfg.compress_rate
+            n_pooled = ((seen - cfg.mem_len).clamp(min=0) + rate - 1) // rate  # slots of the evicted states since
+            n_visible = seen.clamp(max=m) + n_pooled.clamp(max=memory.cmem[0].size(1))  # a suffix of [cmem; stm]
+            n_evict = max(0, m + T - cfg.mem_len)
+            n_valid = (seen + T - cfg.mem_len).clamp(0, n_evict)  # evicted states seen since the reset: the last ones
+            keep = (torch.arange(n_evict, device=x.device) >= n_evict - n_valid[:, None])[..., None]  # (bs, n_evict, 1)
+            first = seen <= cfg.mem_len  # its LTM (zeros) holds nothing since the reset: its next write is a first
+            new.seen = seen + T
         for block, stm, cmem, ltm in zip(self.blocks, memory.stm, memory.cmem, memory.ltm):
             x_in = x.detach()
-            x, mu, var = block(x, stm, cmem, ltm)
+            x, mu, var = block(x, stm, cmem, ltm, n_visible)
             if var is not None:
-                kl = kl + gaussian_kl(var, cfg.sigma_0).mean() / cfg.n_layers
+                kl_read = gaussian_kl(var, cfg.sigma_0)  # (bs, H, T); none for a stream whose LTM is empty (reset)
+                kl = kl + (kl_read if first is None else kl_read * ~first[:, None, None]).mean() / cfg.n_layers
             if not commit:
                 continue
             # Short-term memory: keep the last mem_len layer inputs; older ones are evicted.
             window = torch.cat([stm, x_in], dim=1)  # (bs, m+T, d)
             n_evict = max(0, window.size(1) - cfg.mem_len)
-            evicted = window[:, :n_evict]
+            evicted = window[:, :n_evict] if keep is None else window[:, :n_evict] * keep  # pre-reset ones: zeros
             new.stm.append(window[:, n_evict:])
             if cfg.memory == "compressive" and n_evict > 0:  # mean-pool compress_rate states per slot
                 pooled = F.avg_pool1d(evicted.transpose(1, 2), cfg.compress_rate, ceil_mode=True).transpose(1, 2)
@@ -458,6 +492,9 @@ class InfFormer(nn.Module):
             if self.write_ltm is not None and n_evict > 0:  # the evicted states go to the LTM,
                 with torch.no_grad():  # normalised as the STM attention saw them; no graph needed
                     ltm = self.write_ltm(ltm, block.ln1(evicted), *((mu, var) if cfg.memory == "sticky" else ()))
+                    if first is not None:  # a reset stream's first write: B = G_firstᵀ [0; X], its old states zeroed
+                        fresh = self.write_ltm(ltm[:, :0], block.ln1(evicted) * keep)  # as into an empty LTM
+                        ltm = torch.where(first[:, None, None], fresh, ltm)
             new.ltm.append(ltm)
         x = self.ln_f(x)
         out = self.head(x) if self.head is not None else x

@@ -572,6 +572,69 @@ def test_memory_moves_and_saves():
     assert all(torch.equal(a, b) for a, b in zip(loaded.ltm + loaded.stm, memory.ltm + memory.stm))
 
 
+def segments_after(model, memory, tokens, seed):
+    torch.manual_seed(seed)
+    outs = []
+    with torch.no_grad():
+        for seg in tokens.split(model.cfg.seg_len, dim=1):
+            out, memory, _ = model(seg, memory)
+            outs.append(out)
+    return torch.stack(outs), memory
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_reset_stream_starts_afresh_and_the_others_go_on_untouched(kind, monkeypatch):
+    """Three streams run 4 segments (STM, compressed memory and LTM full, the LTM read), then stream 1
+    is reset (the memory saved, loaded and moved on the way) and all run 5 more. Stream 1 must give
+    what a fresh single-stream run of its new tokens gives; streams 0 and 2 exactly what they give
+    without the reset. Sticky's draws are per stream (torch.multinomial draws M numbers for each row in
+    turn), so the other streams are bit-identical too; the fresh run draws other numbers than stream 1
+    of the batch, so for that comparison sticky's positions are made deterministic: a stream's own
+    sorted μ, which still depend on its own reads only."""
+    model = give_ltm_weights(tiny(kind))
+    with torch.no_grad():  # a LayerNorm bias: a zeroed state, layer-normalised, is not zero
+        for block in model.blocks:
+            block.ln1.bias.uniform_(-0.5, 0.5)
+    before, after = torch.randint(0, 23, (3, 32)), torch.randint(0, 23, (3, 40))
+    _, memory = run_segments(model, before)
+    assert kind not in ("infinite", "sticky") or (memory.ltm[0].size(1) == 16 and memory.ltm[0].abs().sum() > 0)
+    reset = model.reset_memory(memory, torch.tensor([False, True, False]))
+    buf = io.BytesIO()
+    torch.save(reset, buf)
+    buf.seek(0)
+    reset = torch.load(buf, weights_only=True).to(torch.float64).to(torch.float32)
+    assert reset.seen.dtype == torch.long
+    a, _ = segments_after(model, reset, after, seed=1)
+    b, _ = segments_after(model, memory, after, seed=1)
+    assert torch.equal(a[:, [0, 2]], b[:, [0, 2]])
+    assert (a[:, 1] - b[:, 1]).abs().amax() > 1e-3
+    monkeypatch.setattr(infformer, "sticky_positions", lambda mu, var, D, M: mu.flatten(1).sort(-1).values[:, ::2])
+    a, _ = segments_after(model, reset, after, seed=1)
+    fresh, _ = segments_after(model, model.init_memory(1), after[1:2], seed=1)
+    torch.testing.assert_close(a[:, 1], fresh[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_reset_stream_adds_no_kl_term_until_its_ltm_is_written():
+    """Right after the reset, stream 1's LTM is empty: as in its own fresh run, its reads (of zeros) add
+    nothing; the KL term is kl_weight · mean over layers of Σ_{streams 0, 2} KL / (bs·H·T), recomputed
+    from the σ² of every read as ½ (σ²/σ₀² − log(σ²/σ₀²) − 1)."""
+    model = concentrate_reads(give_ltm_weights(tiny("infinite", kl_weight=0.5)), 0.5, 0.2)
+    _, memory = run_segments(model, torch.randint(0, 23, (3, 32)))
+    variances = []
+    for block in model.blocks:
+        block.ltm.register_forward_hook(lambda m, i, out: variances.append(out[2].double()))
+    _, _, kl = model(torch.randint(0, 23, (3, 8)), model.reset_memory(memory, torch.tensor([False, True, False])))
+    per_layer = [0.5 * (v / 0.05**2 - torch.log(v / 0.05**2) - 1) for v in variances]
+    expected = 0.5 * sum(k[[0, 2]].sum() / k.numel() for k in per_layer) / 2
+    assert len(variances) == 2 and kl.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_reset_memory_refuses_a_bad_done_clearly():
+    model = tiny("infinite")
+    with pytest.raises(ValueError, match=r"done must be a \(2,\) bool tensor"):
+        model.reset_memory(model.init_memory(2), torch.tensor([1, 0]))
+
+
 @pytest.mark.parametrize("field,value", [("memory", "lstm"), ("tau", 0.0), ("tau", 1.0), ("num_basis", 1),
                                          ("num_basis", 7), ("basis_widths", (0.1, -0.1)), ("ridge", 0.0),
                                          ("ridge", -1.0), ("d_model", 30), ("mem_len", -1), ("seg_len", 0)])
@@ -586,6 +649,7 @@ import collections  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
@@ -896,11 +960,11 @@ def test_token_cache_is_reused_and_rebuilt_when_files_change(corpus, tmp_path, c
     assert "tokenising" in capsys.readouterr().out and len(data2["test"]) == len(data["test"]) + 3
 
 
-def untrained_perplexity(r, data):
+def untrained_perplexity(r, data, docs):
     cfg = Config(**{k: r["config"][k] for k in Config.__dataclass_fields__})
     torch.manual_seed(r["config"]["seed"])
     model = train_lm.LanguageModel(cfg, r["config"]["tie"])
-    return train_lm.perplexity(model, data, 3, cfg.seg_len, "cpu", torch.autocast("cpu", enabled=False))
+    return train_lm.perplexity(model, data, 3, cfg.seg_len, "cpu", torch.autocast("cpu", enabled=False), docs)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -912,15 +976,15 @@ def test_train_lm_trains_and_evaluates_on_the_held_out_splits(kind, corpus, tmp_
     assert {"memory", "valid_ppl", "test_ppl", "tokens_per_second", "peak_memory_mb", "minutes", "config"} <= set(r)
     assert r["memory"] == kind and r["steps"] == 6 and r["evaluated"] == "last"
     _, data = train_lm.tokenize(train_lm.split_paths(str(corpus)))
-    assert r["valid_ppl"] < 0.6 * untrained_perplexity(r, data["valid"])
+    assert r["valid_ppl"] < 0.6 * untrained_perplexity(r, data["valid"], data["valid_docs"])
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", map_location="cpu")
     cfg = Config(**{k: ckpt["run"][k] for k in Config.__dataclass_fields__})
     model = train_lm.LanguageModel(cfg, tie=True)
     model.load_state_dict(ckpt["model"])
-    ppl = {s: round(train_lm.perplexity(model, data[s], 3, cfg.seg_len, "cpu", contextlib.nullcontext()), 2)
-           for s in ("valid", "test", "train")}
-    assert (r["valid_ppl"], r["test_ppl"]) == (ppl["valid"], ppl["test"])
-    assert len({ppl["valid"], ppl["test"], ppl["train"]}) == 3  # the three splits are told apart
+    ppl = {s: train_lm.perplexity(model, data[s][:600], 3, cfg.seg_len, "cpu", contextlib.nullcontext(),
+                                  data[f"{s}_docs"]) for s in ("valid", "test", "train")}  # train: one document, cut short
+    assert (r["valid_ppl"], r["test_ppl"]) == (round(ppl["valid"], 2), round(ppl["test"], 2))
+    assert len({ppl["valid"], ppl["test"], ppl["train"]}) == 3  # the three splits are told apart (unrounded)
 
 
 def test_the_kl_term_reaches_the_language_models_gradient(corpus, tmp_path):
@@ -950,7 +1014,8 @@ def test_lm_reports_the_valid_perplexity_without_the_ltm_read(kind, corpus, tmp_
     model = train_lm.LanguageModel(cfg, tie=True)
     model.load_state_dict(ckpt["model"])
     _, data = train_lm.tokenize(train_lm.split_paths(str(corpus)))
-    ppl = lambda: round(train_lm.perplexity(model, data["valid"], 3, cfg.seg_len, "cpu", contextlib.nullcontext()), 2)
+    ppl = lambda: round(train_lm.perplexity(model, data["valid"], 3, cfg.seg_len, "cpu", contextlib.nullcontext(),
+                                            data["valid_docs"]), 2)
     assert ppl() == r["valid_ppl"]
     for block in model.body.blocks:
         block.ltm.proj.weight.data.zero_()
@@ -1185,6 +1250,91 @@ def test_two_process_torchrun_on_cpu(kind, corpus, tmp_path):
     assert len(ckpt["memory"]) == 2 and len(ckpt["pos"]) == 2  # both ranks' memories are saved
     assert [s for s, _ in r["valid_history"]] == [2, 4]  # rank 0 validates while the other waits
     assert proc.stdout.count("valid ppl") == 3  # only rank 0 evaluates and logs: steps 2 and 4, the end
+
+
+def documents_text(n_docs, seed):
+    """WikiText-format articles: a blank line, ` = Title k = `, paragraphs and ` = = Section = = ` sub-headings."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for k in range(n_docs):
+        lines += ["", f" = Title{k} = ", ""]
+        for i in range(int(rng.integers(4, 16))):  # 40 to 160 words: longer and shorter than a segment
+            lines.append(" = = Section = = " if i % 3 == 2 else " " + " ".join(rng.choice(["w1", "w2", "w3", "w4"], 9)) + " ")
+    return "\n".join(lines) + "\n"
+
+
+def title_positions(text):
+    """Independently of train_lm: the token positions (words, <eos> at each line end) of ` = Title = ` lines."""
+    positions, n = [], 0
+    for line in text.split("\n")[:-1]:
+        if re.fullmatch(r" = [^=]+ = ", line):
+            positions.append(n)
+        n += len(line.split()) + 1
+    return positions
+
+
+def test_a_document_start_resets_that_streams_memory_in_training(corpus, tmp_path, monkeypatch):
+    """Over one epoch of one stream: the memory is reset exactly at the segments whose first target is a
+    title line's first word (so a document starts on a segment boundary), at every title, never at a
+    sub-heading; each document takes ceil(pairs / 64) segments, and the loss is the mean NLL over its
+    real pairs only (its last segment's padding masked out)."""
+    text = documents_text(8, seed=0)
+    (corpus / "wiki.train.tokens").write_text(text)
+    vocab, data = train_lm.tokenize(train_lm.split_paths(str(corpus)))
+    assert data["train_docs"].tolist() == title_positions(text)
+    steps = math.ceil((len(data["train"]) - 1) / 64) + 9  # more than one epoch: padding adds < 1 segment per title
+    seen, nlls, resets, losses = [], [], [], []
+    forward, reset, backward = train_lm.LanguageModel.forward, InfFormer.reset_memory, torch.Tensor.backward
+
+    def record_forward(self, x, y, m):
+        out = forward(self, x, y, m)
+        if self.training:
+            seen.append(y.clone()), nlls.append(out[0].detach())
+        return out
+
+    monkeypatch.setattr(train_lm.LanguageModel, "forward", record_forward)
+    monkeypatch.setattr(InfFormer, "reset_memory", lambda self, m, done: (self.training and resets.append((len(seen), done.clone())), reset(self, m, done))[1])
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: (losses.append(self.item()), backward(self, *a, **k))[1])
+    train_lm.main(lm_args(corpus, tmp_path / "r", "--memory", "xl", "--batch-size", "1", "--max-steps", str(steps)))
+    epoch = next(i for i in range(1, len(seen)) if torch.equal(seen[i], seen[0]))  # the second epoch starts
+    done_at = {step for step, done in resets if done.item() and step < epoch}
+    word = lambda y, i: vocab[y[0, i]]
+    title_at = {s for s in range(epoch) if (word(seen[s], 0), word(seen[s], 2)) == ("=", "=") and word(seen[s], 1) != "="}
+    assert done_at == title_at and sorted(word(seen[s], 1) for s in title_at) == [f"Title{k}" for k in range(8)]
+    titles, n = title_positions(text), len(data["train"]) - 1  # a document's pairs: those whose target is in it
+    real = [min(64, pairs - i) for pairs in np.diff(titles + [n + 1]) for i in range(0, pairs, 64)]
+    assert len(real) == epoch
+    for s in range(epoch):  # xl: no KL term in the loss
+        assert losses[s] == pytest.approx(nlls[s][0, :real[s]].mean().item(), rel=1e-6)
+
+
+def test_per_document_perplexity_scores_every_token_once_from_a_fresh_memory(corpus):
+    """As the test above with memory carried, with documents: the fake model's memory (the previous
+    input) must be "none" at each document's first pair (its target: the title line's first word, its
+    input the line end before) and carried inside a document, every pair counted once."""
+    text = documents_text(9, seed=1)
+    (corpus / "wiki.valid.tokens").write_text(text)
+    _, data = train_lm.tokenize(train_lm.split_paths(str(corpus)))
+    ids, starts = data["valid"].tolist(), set(title_positions(text))
+
+    def g(prev, token, target):
+        return 1 + 0.01 * target + 0.003 * token + 0.0007 * prev
+
+    class Fake(torch.nn.Module):
+        def forward(self, tokens, targets, memory):
+            prev = torch.full((tokens.size(0), 1), -1) if memory is None else memory  # -1: a document's start
+            prev = torch.cat([prev, tokens[:, :-1]], 1)
+            return g(prev.double(), tokens.double(), targets.double()), tokens[:, -1:], 0.0
+
+        def reset_memory(self, memory, done):
+            return torch.where(done[:, None], -1, memory)
+
+    n = len(ids) - 1
+    total = sum(g(-1 if i == 0 or i + 1 in starts else ids[i - 1], ids[i], ids[i + 1]) for i in range(n))
+    for streams in (1, 3, 7):
+        ppl = train_lm.perplexity(Fake(), data["valid"], streams, 5, "cpu", torch.autocast("cpu", enabled=False),
+                                  data["valid_docs"])
+        assert ppl == pytest.approx(math.exp(total / n), rel=1e-12)
 
 
 # ----- generation

@@ -10,12 +10,14 @@ Word-level language modelling on WikiText-103 with memories carried across segme
 
 --data holds wiki.{train,valid,test}.tokens (or train.txt, valid.txt, test.txt). The
 token ids are cached beside the data (or under --out if that folder is read-only) and
-rebuilt when the files change. The run ends with the valid and test perplexity over the
-whole streams, memory carried (for infinite and sticky also the valid perplexity with every
-Z_LTM zeroed: how much the model relies on its LTM), and writes results.json and a
-checkpoint under --out. Several seeds: one run per --seed, each with its own --out. A checkpoint
-(ckpt.pt, best.pt) holds the configuration and the vocabulary too: load_model(path) gives the
-model and its vocabulary without the data, and --generate samples from it.
+rebuilt when the files change. Each document (a ` = Title = ` line starts one) starts from an
+empty memory, in training and evaluation; --no-reset carries the memory across documents, as
+Transformer-XL on WikiText-103. The run ends with the valid and test perplexity (for infinite
+and sticky also the valid perplexity with every Z_LTM zeroed: how much the model relies on its
+LTM), and writes results.json and a checkpoint under --out. Several seeds: one run per --seed,
+each with its own --out. A checkpoint (ckpt.pt, best.pt) holds the configuration and the
+vocabulary too: load_model(path) gives the model and its vocabulary without the data, and
+--generate samples from it.
 
 Where the training departs from Transformer-XL's: PyTorch's nn.AdaptiveLogSoftmaxWithLoss
 gives each tail cluster a projection of its own (d -> d / 4^i, d with --tie) and has no output
@@ -44,7 +46,7 @@ import torch.nn.functional as F
 from infformer import Config, InfFormer
 
 SPLITS = ("train", "valid", "test")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: with the document starts
 
 PRESETS = {
     # Trains in minutes on a laptop CPU.
@@ -85,12 +87,16 @@ def split_paths(data_dir):
 
 
 def read_ids(path, index, grow):
-    """Token ids of a file; with grow, unseen words get new ids, else they map to <unk>."""
-    ids, unk = array.array("i"), index.get("<unk>")
+    """Token ids of a file, and where its documents start (the ids' positions of their title lines:
+    ` = Title = `, one `=` each side; ` = = Section = = ` is a sub-heading). With grow, unseen words get
+    new ids, else they map to <unk>."""
+    ids, unk, starts = array.array("i"), index.get("<unk>"), []
     with open(path, encoding="utf-8") as f:
         try:
             for line in f:
                 words = line.split() + ["<eos>"]
+                if len(words) >= 4 and words[0] == words[-2] == "=" and words[1] != "=":
+                    starts.append(len(ids))
                 ids.extend([index.setdefault(w, len(index)) for w in words] if grow else
                            [index.get(w, unk) for w in words])
         except UnicodeDecodeError:  # find the line, to name it
@@ -101,13 +107,14 @@ def read_ids(path, index, grow):
                     except UnicodeDecodeError as e:
                         raise UserError(f"{path}, line {number}: not UTF-8 text (byte {line[e.start:e.end]!r}); "
                                         "WikiText files are UTF-8") from None
-    return torch.frombuffer(ids, dtype=torch.int32).clone() if len(ids) else torch.zeros(0, dtype=torch.int32)
+    ids = torch.frombuffer(ids, dtype=torch.int32).clone() if len(ids) else torch.zeros(0, dtype=torch.int32)
+    return ids, torch.tensor(starts, dtype=torch.long)
 
 
 def tokenize(paths):
     """Vocabulary sorted by training frequency (the adaptive softmax needs frequent words first)."""
     index = {"<eos>": 0}
-    train = read_ids(paths["train"], index, grow=True).long()
+    train, train_docs = (t.long() for t in read_ids(paths["train"], index, grow=True))
     index.setdefault("<unk>", len(index))
     order = torch.argsort(-torch.bincount(train, minlength=len(index)), stable=True)  # ties: first seen first
     rank = torch.empty_like(order)
@@ -115,9 +122,9 @@ def tokenize(paths):
     words = list(index)
     vocab = [words[i] for i in order.tolist()]
     index = {w: i for i, w in enumerate(vocab)}
-    data = {"train": rank[train].int()}
+    data = {"train": rank[train].int(), "train_docs": train_docs}  # split_docs: where its documents start
     for split in ("valid", "test"):
-        data[split] = read_ids(paths[split], index, grow=False)
+        data[split], data[f"{split}_docs"] = read_ids(paths[split], index, grow=False)
     return vocab, data
 
 
@@ -145,10 +152,39 @@ def load_corpus(data_dir, out_dir, log=print):
     return vocab, data
 
 
-def batchify(ids, n_streams):
-    """Cut one long token stream into n_streams contiguous streams: (n_streams, length)."""
+def documents(start, end, doc_starts):
+    """Pairs start..end-1 (pair i: input ids[i], target ids[i + 1]) cut into ranges [a, b) where a document
+    starts: a document's first pair is the one whose target is its first token (its input, a line end)."""
+    bounds = [start] + [p - 1 for p in doc_starts.tolist() if start < p - 1 < end] + [end]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def pack(ids, queues, align):
+    """Streams of inputs, targets, a mask of real pairs and the flags of where a range starts, each
+    (len(queues), length): each queue's pair ranges one after the other, each from a multiple of align
+    (the gap before it padded and masked out)."""
+    ceil = lambda n: -(-n // align) * align
+    length = max(sum(ceil(b - a) for a, b in q) for q in queues)
+    inputs, targets = (torch.zeros(len(queues), length, dtype=ids.dtype) for _ in range(2))  # int32: WikiText-103
+    mask, first = (torch.zeros(len(queues), length, dtype=torch.bool) for _ in range(2))
+    for r, q in enumerate(queues):
+        p = 0
+        for a, b in q:
+            inputs[r, p:p + b - a], targets[r, p:p + b - a], mask[r, p:p + b - a] = ids[a:b], ids[a + 1:b + 1], True
+            first[r, p] = b > a
+            p += ceil(b - a)
+    return inputs, targets, mask, first
+
+
+def train_streams(ids, doc_starts, n_streams, seg_len, reset):
+    """The training text as n_streams contiguous streams (Transformer-XL's batchify). With reset, each
+    document in a stream starts on a segment boundary, after its predecessor's last segment is padded:
+    a reset then falls between two segments, where reset_memory can make it exact, at the cost of half
+    a segment of padding per document (about 1% on WikiText-103)."""
     length = len(ids) // n_streams
-    return ids[:n_streams * length].view(n_streams, length).long()
+    rows = [(r * length, (r + 1) * length - 1) for r in range(n_streams)]  # a row's last token only as a target
+    return pack(ids, [documents(a, b, doc_starts) if reset else [(a, b)] for a, b in rows],
+                seg_len if reset else 1)
 
 
 # -----------------------------------------------------------------------------
@@ -190,6 +226,9 @@ class LanguageModel(nn.Module):
         if tie:
             self.body.tok_emb = TiedEmbedding(self.softmax)
 
+    def reset_memory(self, memory, done):
+        return self.body.reset_memory(memory, done)
+
     def forward(self, tokens, targets, memory):
         """Per-token negative log-likelihood (B, T), the new memory and the weighted KL term."""
         hidden, memory, kl = self.body(tokens, memory)
@@ -203,27 +242,36 @@ class LanguageModel(nn.Module):
 
 
 @torch.no_grad()
-def perplexity(model, ids, n_streams, seg_len, device, autocast):
-    """exp(token-weighted mean NLL) over every token of the split, memory carried along each stream.
-    The stream is cut into n_streams pieces; the last is padded and the padding masked out.
-    Sticky sampling draws from a fixed seed here, and the training RNG is left as it was."""
+def perplexity(model, ids, n_streams, seg_len, device, autocast, doc_starts=None):
+    """exp(token-weighted mean NLL) over every token of the split (the first excepted: it has no input).
+    With doc_starts, each document is scored whole from a fresh memory, in n_streams queues of documents
+    (each to the shortest so far); without, as Transformer-XL: the split is cut into n_streams pieces,
+    memory carried along each across documents, the last padded. Padding is masked out. Sticky sampling
+    draws from a fixed seed here, and the training RNG is left as it was."""
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
         torch.manual_seed(0)
-        return _perplexity(model, ids, n_streams, seg_len, device, autocast)
+        return _perplexity(model, ids, n_streams, seg_len, device, autocast, doc_starts)
 
 
-def _perplexity(model, ids, n_streams, seg_len, device, autocast):
+def _perplexity(model, ids, n_streams, seg_len, device, autocast, doc_starts):
     model.eval()
-    inputs, targets = ids[:-1].long(), ids[1:].long()
-    n = len(targets)
+    n = len(ids) - 1  # (input, target) pairs
     length = math.ceil(n / n_streams)
-    pad = n_streams * length - n
-    mask = torch.cat([torch.ones(n), torch.zeros(pad)]).view(n_streams, length)
-    inputs, targets = (F.pad(t, (0, pad)).view(n_streams, length) for t in (inputs, targets))
+    queues = [[(min(r * length, n), min(r * length + length, n))] for r in range(n_streams)]
+    if doc_starts is not None:
+        queues, sizes = [[] for _ in range(n_streams)], [0] * n_streams
+        for a, b in documents(0, n, doc_starts):
+            r = sizes.index(min(sizes))
+            queues[r].append((a, b))
+            sizes[r] += math.ceil((b - a) / seg_len)
+    inputs, targets, mask, first = pack(ids, queues, 1 if doc_starts is None else seg_len)
     memory, total = None, 0.0
-    for i in range(0, length, seg_len):
+    for i in range(0, inputs.size(1), seg_len):
+        if doc_starts is not None and memory is not None:
+            memory = model.reset_memory(memory, first[:, i])
         with autocast:
-            nll, memory, _ = model(inputs[:, i:i + seg_len].to(device), targets[:, i:i + seg_len].to(device), memory)
+            x, y = (t[:, i:i + seg_len].long().to(device) for t in (inputs, targets))
+            nll, memory, _ = model(x, y, memory)
         total += (nll.double().cpu() * mask[:, i:i + seg_len]).sum().item()
     model.train()
     return math.exp(total / n)
@@ -319,6 +367,9 @@ def parse_args(argv=None):
     p.add_argument("--kl-weight", type=float, help="weight of the KL regulariser on the LTM's densities "
                    "(infinite and sticky; default: Config's 1e-6)")
     p.add_argument("--eval-streams", type=int, default=10, help="streams the valid/test text is cut into (default 10)")
+    p.add_argument("--reset", action=argparse.BooleanOptionalAction, default=True, help="start each document "
+                   "(a ` = Title = ` line) from an empty memory, in training and evaluation (default); --no-reset "
+                   "carries the memory across documents, as Transformer-XL on WikiText-103")
     p.add_argument("--tie", action=argparse.BooleanOptionalAction, default=True,
                    help="share the input embedding with the adaptive softmax (default: on)")
     p.add_argument("--dtype", choices=["float32", "bf16"], help="bf16: autocast, with the method's math and the "
@@ -390,13 +441,16 @@ def main(args):
     if len(data["train"]) < args.batch_size * world * 2:
         raise UserError(f"{args.data}: the training split has {len(data['train'])} tokens, too few for "
                         f"{args.batch_size * world} streams")
-    train_data = batchify(data["train"], args.batch_size * world)[rank * args.batch_size:(rank + 1) * args.batch_size]
+    streams = train_streams(data["train"], data["train_docs"], args.batch_size * world, args.model["seg_len"],
+                            args.reset)
+    inputs, targets, mask, first = (t[rank * args.batch_size:(rank + 1) * args.batch_size] for t in streams)
+    docs = lambda split: data[f"{split}_docs"] if args.reset else None  # evaluation: per document, or carried over
 
     cfg = Config(vocab_size=len(vocab), memory=args.memory, lm_head=False, **args.model)
     portable = {"config": dataclasses.asdict(cfg), "vocab": vocab, "tie": args.tie}  # load_model needs only these
     run = {**vars(cfg), "tie": args.tie, "batch_size": args.batch_size, "world_size": world,
            "max_steps": args.max_steps, "lr": args.lr, "warmup": args.warmup, "clip": args.clip, "seed": args.seed,
-           "train_tokens": len(data["train"])}
+           "train_tokens": len(data["train"]), "reset": args.reset}
     ckpt = load_checkpoint(args.resume, run) if args.resume else None
     torch.manual_seed(args.seed + rank)
     model = LanguageModel(cfg, args.tie).to(device)
@@ -451,7 +505,7 @@ def main(args):
         nonlocal eval_seconds
         t0 = time.time()
         if rank == 0:
-            ppl = perplexity(model, data["valid"], args.eval_streams, cfg.seg_len, device, autocast)
+            ppl = perplexity(model, data["valid"], args.eval_streams, cfg.seg_len, device, autocast, docs("valid"))
             best = min((p for _, p in history), default=math.inf)
             history.append((step, ppl))
             if ppl < best:
@@ -473,14 +527,14 @@ def main(args):
     start = last_log = time.time()
     first_step, window, last_loss = step, [], None
     while step < args.max_steps:
-        if pos + 1 >= train_data.size(1):  # end of the streams: a new epoch starts with an empty memory
+        if pos >= inputs.size(1):  # end of the streams: a new epoch starts with an empty memory
             pos, memory = 0, model.body.init_memory(args.batch_size)
-        x = train_data[:, pos:pos + cfg.seg_len]
-        y = train_data[:, pos + 1:pos + 1 + cfg.seg_len]
-        x = x[:, :y.size(1)]
+        x, y, real = (t[:, pos:pos + cfg.seg_len] for t in (inputs, targets, mask))
+        if args.reset:  # a stream whose next document starts here
+            memory = model.body.reset_memory(memory, first[:, pos])
         with autocast:
-            nll, memory, kl = ddp(x.to(device), y.to(device), memory)
-        loss = nll.mean()
+            nll, memory, kl = ddp(x.long().to(device), y.long().to(device), memory)
+        loss = nll.mean() if not args.reset else (nll * real.to(device)).sum() / real.sum().clamp_min(1).to(device)
         opt.zero_grad(set_to_none=True)
         (loss + kl).backward()
         nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -532,11 +586,13 @@ def main(args):
             evaluated, evaluated_step = "best", best["step"]
         log(f"evaluating the {evaluated} weights (step {evaluated_step}) on {len(data['valid']):,} valid and {len(data['test']):,} "
             f"test tokens ...", flush=True)
-        ppl = {s: perplexity(model, data[s], args.eval_streams, cfg.seg_len, device, autocast) for s in ("valid", "test")}
+        ppl = {s: perplexity(model, data[s], args.eval_streams, cfg.seg_len, device, autocast, docs(s))
+               for s in ("valid", "test")}
         ltm_zeroed = None
         if cfg.memory in ("infinite", "sticky"):
             with ltm_read_zeroed(model.body):
-                ltm_zeroed = perplexity(model, data["valid"], args.eval_streams, cfg.seg_len, device, autocast)
+                ltm_zeroed = perplexity(model, data["valid"], args.eval_streams, cfg.seg_len, device, autocast,
+                                        docs("valid"))
             log(f"LTM use: with every Z_LTM zeroed the valid perplexity is {ltm_zeroed:.2f}, against "
                 f"{ppl['valid']:.2f} ({100 * (ltm_zeroed / ppl['valid'] - 1):+.1f}%)")
         peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
