@@ -12,35 +12,20 @@ Martins, Marinho & Martins, "∞-former: Infinite Memory Transformer", ACL 2022
   6. the model                Transformer-XL short-term memory + the long-term memory,
                               with Transformer-XL and Compressive Transformer as baselines
 
-Choices where the authors' code departs from the paper, or says nothing:
-  - The fit is not padded with zeros beyond [0, 1]; G is the plain closed form.
-  - No sigmoid/Conv1d gate on the LTM input: the paper has none.
-  - The LTM reuses the short-term attention's query projection (as the authors do), but
-    has its own key, value and output projections.
-  - w_μ and w_σ have a bias each (the authors' have none); w_σ's starts σ at SIGMA_INIT = 0.25
-    instead of about 0.83. The KL term is averaged over layers (the authors sum it).
-  - The LTM stores the layer inputs that fall out of the short-term memory (as the authors'
-    sorting model does), so the two memories never hold the same positions. They are stored
-    layer-normalised, as the short-term attention saw them: the authors' post-LN
-    Transformer-XL stores normalised inputs, while our pre-LN residual stream starts near
-    0.02 per channel, too faint for the reads to be learned reliably (README, "Sorting").
-  - Sticky sampling draws a real uniform offset inside each histogram bin.
-  - A first write shorter than a segment covers only the last L/seg_len of [0, 1], not all of it;
-    the rest is fitted as zero vectors. Likewise an update of L < seg_len vectors (the end of a
-    stream) takes only its share of the new timeline: the old signal is squeezed into
-    [0, 1 − (1 − τ)·L/seg_len] instead of [0, τ]. Either way each vector stands for as much of
-    [0, 1] as a full segment's does.
-  - New vectors sit at their cells' midpoints, τ + (1 − τ)(i − ½)/L (the authors: τ + (1 − τ)i/L),
-    the rule of the first write's positions (k + ½)/L carried over to (τ, 1].
-  - The σ² floor is VAR_MIN = 1e-4 (the authors: 1e-6). It acts only where σ < 0.01, narrower than
-    every basis function of the CPU presets (w_j ≥ 0.04), whose read's variance σ² + w_j² it moves
-    by at most 6%.
-  - The LTM's output projection starts at zero: untrained, the ∞-former is Transformer-XL.
-  - The Transformer-XL is pre-LayerNorm with RoPE (Transformer-XL: post-LN, relative
-    position encoding), GELU (ReLU) and attention-probability dropout equal to `dropout`
-    (Transformer-XL base on WikiText-103: none).
-
-Notation: B is the paper's N × d coefficient matrix; `bs` is the batch size in shape comments.
+Notation (Config's names and defaults in parentheses; the scripts' presets set their own):
+  d       width of the residual stream and of every memory vector (d_model, 128)
+  H, dh   heads (n_heads, 4) and their width d / H
+  T, L    tokens in a segment (seg_len, 128); L also: vectors in one write to the long-term memory
+  m       short-term memory: the last layer inputs kept (mem_len, 128)
+  N       basis functions ψ_j of the long-term memory (num_basis, 64); c_j, w_j their centres, widths
+  B       the long-term memory: N × d coefficients per layer, x(t) ≈ Bᵀψ(t) for t ∈ [0, 1]
+  λ       the ridge penalty (ridge, 1.0)
+  τ       the old signal is squeezed into [0, τ] at every write (tau, 0.75)
+  M       samples of the old signal per write (num_samples, 64)
+  D       histogram bins of sticky memories (sticky_bins, 128)
+  μ, σ²   a query's Gaussian density over [0, 1]; σ₀ that of the KL regulariser (sigma_0, 0.05)
+  bs      the batch size (streams), in shape comments
+Where this file departs from the paper or the authors' code is listed at its end.
 """
 import math
 from dataclasses import dataclass
@@ -209,11 +194,9 @@ class UnboundedMemory(Float32Constants):
         return ridge_matrix(t, *self.basis64, self.cfg.ridge)
 
     @torch.no_grad()  # the stored coefficients are detached: no gradient flows across segments
-    def forward(self, coeffs, x_new, mu=None, var=None):
-        """coeffs (bs, N, d), or (bs, 0, d) when empty; x_new (bs, L, d); μ, σ² of the last read for sticky.
-
-        Returns the new coefficients (bs, N, d).
-        """
+    def forward(self, coeffs, x_new, positions=None):
+        """coeffs (bs, N, d), or (bs, 0, d) when empty; x_new (bs, L, d); positions (bs, M) where to sample the
+        old signal (sticky memories, section 5), by default s_i = i/M. Returns the new coefficients (bs, N, d)."""
         L, M = x_new.size(1), self.cfg.num_samples
         with torch.autocast(x_new.device.type, enabled=False):  # float32 (or better) even under autocast
             x_new, coeffs = x_new.to(self.G_first.dtype), coeffs.to(self.G_first.dtype)
@@ -226,11 +209,8 @@ class UnboundedMemory(Float32Constants):
                 G = self.G_first[-L:] if L <= self.cfg.seg_len else self._first_matrix(L).to(x_new)
                 return G.T @ x_new  # B = Gᵀ X
             G = self.G_update if L == self.cfg.seg_len else self._update_matrix(L).to(x_new)
-            if mu is None:  # uniform: x_old(i/M)
-                x_old = self.psi_uniform @ coeffs  # (bs, M, d)
-            else:  # sticky: x_old at positions drawn where attention went
-                s = sticky_positions(mu.to(x_new), var.to(x_new), self.cfg.sticky_bins, M)  # (bs, M)
-                x_old = basis_at(s, self.centers, self.widths) @ coeffs  # (bs, M, d)
+            psi_old = self.psi_uniform if positions is None else basis_at(positions.to(x_new), self.centers, self.widths)
+            x_old = psi_old @ coeffs  # x_old(s_1..s_M)  (bs, M, d)
             return G[:M].T @ x_old + G[M:].T @ x_new  # Bᵀ = [X_old; X_new]ᵀ G
 
 
@@ -326,6 +306,13 @@ class Memory:
 torch.serialization.add_safe_globals([Memory])  # so torch.load(weights_only=True) can read a saved Memory
 
 
+def compress(cmem, evicted, cfg):
+    """The Compressive Transformer baseline: evicted states (bs, n, d) mean-pooled compress_rate per slot,
+    appended to the compressed memory (bs, c, d), of which the last cmem_len slots are kept."""
+    pooled = F.avg_pool1d(evicted.transpose(1, 2), cfg.compress_rate, ceil_mode=True).transpose(1, 2)
+    return torch.cat([cmem, pooled], dim=1)[:, -cfg.cmem_len:]
+
+
 def rotate(x, cos, sin):
     """RoPE: rotate channel pairs (i, i + h) by angles proportional to the position; with an odd
     head size the last channel is left as it is (the paper's LM model has 41 channels a head)."""
@@ -351,7 +338,7 @@ class Block(Float32Constants):
         self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.ltm = ContinuousAttention(cfg) if cfg.memory in ("infinite", "sticky") else None
+        self.read_ltm = ContinuousAttention(cfg) if cfg.memory in ("infinite", "sticky") else None
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model))
         self.drop = nn.Dropout(cfg.dropout)
@@ -379,8 +366,8 @@ class Block(Float32Constants):
                                            attn_mask=causal, dropout_p=self.dropout if self.training else 0.0)
         y = self.proj(z.transpose(1, 2).reshape(bs, T, d))  # Z_STM
         mu = var = None
-        if self.ltm is not None and ltm.size(1) > 0:
-            z_ltm, mu, var = self.ltm(q, ltm)  # the LTM has no positions: position is t
+        if self.read_ltm is not None and ltm.size(1) > 0:
+            z_ltm, mu, var = self.read_ltm(q, ltm)  # the LTM has no positions: position is t
             y = y + z_ltm  # Z = Z_STM + Z_LTM
         x = x + self.drop(y)
         x = x + self.drop(self.mlp(self.ln2(x)))
@@ -419,11 +406,11 @@ class InfFormer(nn.Module):
         self.apply(self._init_weights)  # no weight tying: on the sorting task a tied output layer
         # starts by predicting the symbol it was just fed, and learned far more slowly
         for block in self.blocks:  # Z_LTM starts at zero: the model begins as Transformer-XL and
-            if block.ltm is not None:  # learns how much to read, instead of starting with the
-                nn.init.zeros_(block.ltm.proj.weight)  # full-size average of normalised memories
+            if block.read_ltm is not None:  # learns how much to read, instead of starting with the
+                nn.init.zeros_(block.read_ltm.proj.weight)  # full-size average of normalised memories
                 # σ² = softplus(w_σᵀ s + b) starts at SIGMA_INIT², not softplus(0) (σ ≈ 0.83, half of every
                 # density beyond [0, 1], where it reads the fit's fall to zero and μ barely matters).
-                nn.init.constant_(block.ltm.w_mu_var.bias[1:], math.log(math.expm1(SIGMA_INIT**2)))
+                nn.init.constant_(block.read_ltm.w_mu_var.bias[1:], math.log(math.expm1(SIGMA_INIT**2)))
 
     @staticmethod
     def _init_weights(module):
@@ -485,13 +472,14 @@ class InfFormer(nn.Module):
             n_evict = max(0, window.size(1) - cfg.mem_len)
             evicted = window[:, :n_evict] if keep is None else window[:, :n_evict] * keep  # pre-reset ones: zeros
             new.stm.append(window[:, n_evict:])
-            if cfg.memory == "compressive" and n_evict > 0:  # mean-pool compress_rate states per slot
-                pooled = F.avg_pool1d(evicted.transpose(1, 2), cfg.compress_rate, ceil_mode=True).transpose(1, 2)
-                cmem = torch.cat([cmem, pooled], dim=1)[:, -cfg.cmem_len:]
+            if cfg.memory == "compressive" and n_evict > 0:
+                cmem = compress(cmem, evicted, cfg)
             new.cmem.append(cmem)
             if self.write_ltm is not None and n_evict > 0:  # the evicted states go to the LTM,
                 with torch.no_grad():  # normalised as the STM attention saw them; no graph needed
-                    ltm = self.write_ltm(ltm, block.ln1(evicted), *((mu, var) if cfg.memory == "sticky" else ()))
+                    sticky = cfg.memory == "sticky" and mu is not None  # a first write samples nothing
+                    s = sticky_positions(mu, var, cfg.sticky_bins, cfg.num_samples) if sticky else None
+                    ltm = self.write_ltm(ltm, block.ln1(evicted), s)
                     if first is not None:  # a reset stream's first write: B = G_firstᵀ [0; X], its old states zeroed
                         fresh = self.write_ltm(ltm[:, :0], block.ln1(evicted) * keep)  # as into an empty LTM
                         ltm = torch.where(first[:, None, None], fresh, ltm)
@@ -507,14 +495,12 @@ class InfFormer(nn.Module):
         temperature and top-k). output maps the hidden states (bs, d) of a model with lm_head=False to
         logits or log-probabilities (not needed with the model's own head). Call it in eval() mode.
 
-        The memory is written exactly as in training and scoring: a token sees the committed memory
-        plus its own segment's prefix, and a segment enters the memory once it is full. So each new
-        token runs the model on its partial segment with commit=False (writing nothing, drawing none
-        of sticky's random numbers), and a full segment gets the normal forward, whose memory is kept.
-        That recomputes up to seg_len positions per token instead of caching keys and values: simpler,
-        exact, and still a cost per token bounded by seg_len × window, whatever the length of the text.
-        Tokens are drawn from a generator of their own (seed), so that torch's global RNG feeds only
-        sticky's writes, in the same order as when scoring the same text after the same torch.manual_seed.
+        The memory is written as in training and scoring: a token sees the committed memory and its own
+        segment's prefix (a forward with commit=False, which writes nothing and draws none of sticky's
+        random numbers), and a full segment gets the normal forward, whose memory is kept. Recomputing the
+        prefix instead of caching keys and values is simpler, exact, and bounds the cost per token by
+        seg_len × window, whatever the length of the text. Tokens are drawn from a generator of their own
+        (seed), so torch's global RNG feeds only sticky's writes, in the order that scoring draws them.
         """
         if prompt.size(1) < 1 or not temperature > 0 or (output is None and self.head is None):
             raise ValueError("generate needs a prompt of at least one token, a positive temperature, and "
@@ -536,3 +522,34 @@ class InfFormer(nn.Module):
             token = torch.multinomial(logits.softmax(-1), 1, generator=rng)  # (bs, 1)
             yield token[:, 0], log_p.gather(1, token)[:, 0]
             memory, seg = (new, token) if commit else (memory, torch.cat([seg, token], dim=1))
+
+
+# -----------------------------------------------------------------------------
+# Where this file departs from the paper or the authors' code, or decides what they leave open:
+# - The fit is not padded with zeros beyond [0, 1]; G is the plain closed form.
+# - No sigmoid/Conv1d gate on the LTM input: the paper has none.
+# - The LTM reuses the short-term attention's query projection (as the authors do), but
+#   has its own key, value and output projections.
+# - w_μ and w_σ have a bias each (the authors' have none); w_σ's starts σ at SIGMA_INIT = 0.25
+#   instead of about 0.83. The KL term is averaged over layers (the authors sum it).
+# - The LTM stores the layer inputs that fall out of the short-term memory (as the authors'
+#   sorting model does), so the two memories never hold the same positions. They are stored
+#   layer-normalised, as the short-term attention saw them: the authors' post-LN
+#   Transformer-XL stores normalised inputs, while our pre-LN residual stream starts near
+#   0.02 per channel, too faint for the reads to be learned reliably (README, "Sorting").
+# - Sticky sampling draws a real uniform offset inside each histogram bin.
+# - A first write shorter than a segment covers only the last L/seg_len of [0, 1], not all of it;
+#   the rest is fitted as zero vectors. Likewise an update of L < seg_len vectors (the end of a
+#   stream) takes only its share of the new timeline: the old signal is squeezed into
+#   [0, 1 − (1 − τ)·L/seg_len] instead of [0, τ]. Either way each vector stands for as much of
+#   [0, 1] as a full segment's does.
+# - New vectors sit at their cells' midpoints, τ + (1 − τ)(i − ½)/L (the authors: τ + (1 − τ)i/L),
+#   the rule of the first write's positions (k + ½)/L carried over to (τ, 1].
+# - The σ² floor is VAR_MIN = 1e-4 (the authors: 1e-6). It acts only where σ < 0.01, narrower than
+#   every basis function of the CPU presets (w_j ≥ 0.04), whose read's variance σ² + w_j² it moves
+#   by at most 6%.
+# - The LTM's output projection starts at zero: untrained, the ∞-former computes what a Transformer-XL
+#   with the same shared weights computes (the same seed draws other weights: the LTM's are drawn mid-block).
+# - The Transformer-XL is pre-LayerNorm with RoPE (Transformer-XL: post-LN, relative
+#   position encoding), GELU (ReLU) and attention-probability dropout equal to `dropout`
+#   (Transformer-XL base on WikiText-103: none).

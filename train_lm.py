@@ -29,11 +29,8 @@ import argparse
 import array
 import contextlib
 import dataclasses
-import datetime
-import json
 import math
 import os
-import resource
 import signal
 import sys
 import time
@@ -44,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from infformer import Config, InfFormer
+from train_sort import device, init_distributed, lr_at, peak_memory_mb, save_json, seeded  # the shared plumbing
 
 SPLITS = ("train", "valid", "test")
 CACHE_VERSION = 2  # 2: with the document starts
@@ -241,6 +239,7 @@ class LanguageModel(nn.Module):
 # Evaluation, checkpoints
 
 
+@seeded
 @torch.no_grad()
 def perplexity(model, ids, n_streams, seg_len, device, autocast, doc_starts=None):
     """exp(token-weighted mean NLL) over every token of the split (the first excepted: it has no input).
@@ -248,12 +247,6 @@ def perplexity(model, ids, n_streams, seg_len, device, autocast, doc_starts=None
     (each to the shortest so far); without, as Transformer-XL: the split is cut into n_streams pieces,
     memory carried along each across documents, the last padded. Padding is masked out. Sticky sampling
     draws from a fixed seed here, and the training RNG is left as it was."""
-    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
-        torch.manual_seed(0)
-        return _perplexity(model, ids, n_streams, seg_len, device, autocast, doc_starts)
-
-
-def _perplexity(model, ids, n_streams, seg_len, device, autocast, doc_starts):
     model.eval()
     n = len(ids) - 1  # (input, target) pairs
     length = math.ceil(n / n_streams)
@@ -281,8 +274,8 @@ def _perplexity(model, ids, n_streams, seg_len, device, autocast, doc_starts):
 def ltm_read_zeroed(body):
     """Inside, every layer's Z_LTM is zero. The perplexity there, against the one outside, is how much
     a trained model relies on its long-term memory (which says nothing of whether it beats XL)."""
-    hooks = [b.ltm.register_forward_hook(lambda m, i, out: (torch.zeros_like(out[0]), *out[1:]))
-             for b in body.blocks if b.ltm is not None]
+    hooks = [b.read_ltm.register_forward_hook(lambda m, i, out: (torch.zeros_like(out[0]), *out[1:]))
+             for b in body.blocks if b.read_ltm is not None]
     try:
         yield
     finally:
@@ -342,14 +335,6 @@ def set_rng_state(state):
 
 
 # -----------------------------------------------------------------------------
-
-
-def device(name):
-    """argparse type for --device: an unknown name becomes a usage error, not a traceback."""
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(name) from e
 
 
 def parse_args(argv=None):
@@ -419,15 +404,7 @@ def parse_args(argv=None):
 
 
 def main(args):
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = args.device
-    if world > 1:  # launched by torchrun: one process per GPU (nccl), or per CPU worker (gloo)
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        # The other ranks wait in a barrier while rank 0 tokenises WikiText-103 (minutes) and runs the
-        # evaluations (the final one: three passes over valid and test), longer than NCCL's 10 minutes.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+    rank, world, device = init_distributed(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
     os.makedirs(args.out, exist_ok=True)
 
@@ -460,12 +437,8 @@ def main(args):
         ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
 
-    def schedule(step):  # linear warm-up, then cosine decay to zero at max_steps
-        if step < args.warmup:
-            return (step + 1) / args.warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - args.warmup) / max(1, args.max_steps - args.warmup))))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    # linear warm-up, then cosine decay to zero at max_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, 1.0, args.warmup, args.max_steps, floor=0.0))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     step, pos, memory, minutes_before = 0, 0, model.body.init_memory(args.batch_size), 0.0
     history = []  # (step, valid perplexity) of every --eval-every evaluation
@@ -595,8 +568,7 @@ def main(args):
                                         docs("valid"))
             log(f"LTM use: with every Z_LTM zeroed the valid perplexity is {ltm_zeroed:.2f}, against "
                 f"{ppl['valid']:.2f} ({100 * (ltm_zeroed / ppl['valid'] - 1):+.1f}%)")
-        peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+        peak = peak_memory_mb(device)
         ran = step - first_step
         result = {"memory": args.memory, "valid_ppl": round(ppl["valid"], 2), "test_ppl": round(ppl["test"], 2),
                   "valid_ppl_ltm_zeroed": None if ltm_zeroed is None else round(ltm_zeroed, 2),
@@ -606,10 +578,7 @@ def main(args):
                   "valid_history": [[s, round(p, 2)] for s, p in history],
                   "train_loss": last_loss,
                   "config": {**run, "device": str(device), "dtype": args.dtype}}
-        tmp = os.path.join(args.out, "results.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, os.path.join(args.out, "results.json"))
+        save_json(result, os.path.join(args.out, "results.json"), indent=2)
         log(f"{args.memory}, {evaluated} weights (step {evaluated_step}): valid ppl {ppl['valid']:.2f} | test ppl {ppl['test']:.2f} | "
             f"results in {os.path.join(args.out, 'results.json')}")
     if world > 1:

@@ -238,12 +238,12 @@ def evaluate(model, inputs, targets, args, autocast):
 def ltm_reads(model, inputs, args, autocast, ablate=False):
     """Per layer with an LTM, the last segment's Z_STM, Z_LTM (bs, 20, d) and μ, σ² (bs, H, 20) at the answers, in
     float32 on the CPU ([] if no LTM was read); and the logits at the answers. With ablate, every Z_LTM is zero."""
-    blocks = [b for b in model.blocks if b.ltm is not None]
+    blocks = [b for b in model.blocks if b.read_ltm is not None]
     stm, ltm = [], []  # every segment's Z_STM and (Z_LTM, μ, σ²), layer after layer
     hooks = [b.proj.register_forward_hook(lambda m, i, out: stm.append(out)) for b in blocks]
-    hooks += [b.ltm.register_forward_hook(lambda m, i, out: ltm.append(out)) for b in blocks]
+    hooks += [b.read_ltm.register_forward_hook(lambda m, i, out: ltm.append(out)) for b in blocks]
     if ablate:  # runs after the hook above: the read is recorded, then zeroed
-        hooks += [b.ltm.register_forward_hook(lambda m, i, out: (torch.zeros_like(out[0]), *out[1:])) for b in blocks]
+        hooks += [b.read_ltm.register_forward_hook(lambda m, i, out: (torch.zeros_like(out[0]), *out[1:])) for b in blocks]
     model.eval()
     logits = target_logits(model, inputs.to(args.device), args.seg_len, autocast)[0].cpu()
     model.train()
