@@ -1064,6 +1064,23 @@ def test_output_layer_runs_in_float32_under_bf16_autocast(corpus):
     torch.testing.assert_close(nll.flatten(), reference, rtol=1e-6, atol=1e-6)
 
 
+def fake_nll(prev, token, target):
+    """The fake model's NLL: it depends on the token, its target and the token before it (-1: none)."""
+    return 1 + 0.01 * target + 0.003 * token + 0.0007 * prev
+
+
+class FakeLM(torch.nn.Module):
+    """Carries the last input token in its memory, so its NLL shows whether the memory was carried."""
+
+    def forward(self, tokens, targets, memory):
+        prev = torch.full((tokens.size(0), 1), -1) if memory is None else memory  # -1: a stream's start
+        prev = torch.cat([prev, tokens[:, :-1]], 1)
+        return fake_nll(prev.double(), tokens.double(), targets.double()), tokens[:, -1:], 0.0
+
+    def reset_memory(self, memory, done):
+        return torch.where(done[:, None], -1, memory)
+
+
 def test_perplexity_counts_every_token_once_aligned_and_with_memory_carried(corpus):
     """A fake model whose NLL depends on the input token, its target and the previous input, which
     it carries in its memory across segments: the perplexity must be exp of the mean over every
@@ -1072,20 +1089,11 @@ def test_perplexity_counts_every_token_once_aligned_and_with_memory_carried(corp
     _, data = train_lm.tokenize(train_lm.split_paths(str(corpus)))
     ids = data["valid"].tolist()
 
-    def g(prev, token, target):
-        return 1 + 0.01 * target + 0.003 * token + 0.0007 * prev
-
-    class Fake(torch.nn.Module):
-        def forward(self, tokens, targets, memory):
-            prev = torch.full((tokens.size(0), 1), -1) if memory is None else memory  # -1: a stream's start
-            prev = torch.cat([prev, tokens[:, :-1]], 1)
-            return g(prev.double(), tokens.double(), targets.double()), tokens[:, -1:], 0.0
-
     n = len(ids) - 1  # (input, target) pairs
     for streams in (1, 3, 7):
         length = math.ceil(n / streams)  # stream k starts at pair k * length
-        total = sum(g(-1 if i % length == 0 else ids[i - 1], ids[i], ids[i + 1]) for i in range(n))
-        ppl = train_lm.perplexity(Fake(), data["valid"], streams, 5, "cpu", torch.autocast("cpu", enabled=False))
+        total = sum(fake_nll(-1 if i % length == 0 else ids[i - 1], ids[i], ids[i + 1]) for i in range(n))
+        ppl = train_lm.perplexity(FakeLM(), data["valid"], streams, 5, "cpu", torch.autocast("cpu", enabled=False))
         assert ppl == pytest.approx(math.exp(total / n), rel=1e-12)
 
 
@@ -1317,22 +1325,11 @@ def test_per_document_perplexity_scores_every_token_once_from_a_fresh_memory(cor
     _, data = train_lm.tokenize(train_lm.split_paths(str(corpus)))
     ids, starts = data["valid"].tolist(), set(title_positions(text))
 
-    def g(prev, token, target):
-        return 1 + 0.01 * target + 0.003 * token + 0.0007 * prev
-
-    class Fake(torch.nn.Module):
-        def forward(self, tokens, targets, memory):
-            prev = torch.full((tokens.size(0), 1), -1) if memory is None else memory  # -1: a document's start
-            prev = torch.cat([prev, tokens[:, :-1]], 1)
-            return g(prev.double(), tokens.double(), targets.double()), tokens[:, -1:], 0.0
-
-        def reset_memory(self, memory, done):
-            return torch.where(done[:, None], -1, memory)
 
     n = len(ids) - 1
-    total = sum(g(-1 if i == 0 or i + 1 in starts else ids[i - 1], ids[i], ids[i + 1]) for i in range(n))
+    total = sum(fake_nll(-1 if i == 0 or i + 1 in starts else ids[i - 1], ids[i], ids[i + 1]) for i in range(n))
     for streams in (1, 3, 7):
-        ppl = train_lm.perplexity(Fake(), data["valid"], streams, 5, "cpu", torch.autocast("cpu", enabled=False),
+        ppl = train_lm.perplexity(FakeLM(), data["valid"], streams, 5, "cpu", torch.autocast("cpu", enabled=False),
                                   data["valid_docs"])
         assert ppl == pytest.approx(math.exp(total / n), rel=1e-12)
 
