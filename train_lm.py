@@ -20,7 +20,7 @@ vocabulary too: load_model(path) gives the model and its vocabulary without the 
 --generate samples from it.
 
 Where the training departs from Transformer-XL's: PyTorch's nn.AdaptiveLogSoftmaxWithLoss
-gives each tail cluster a projection of its own (d -> d / 4^i, d with --tie) and has no output
+gives each tail cluster a projection of its own (d -> d / 4^i untied; d tied, as here) and has no output
 biases (Transformer-XL's has biases and, with div_val 1, shares the projections); AdamW's weight
 decay 0.01 applies to every parameter, LayerNorms and embeddings included (Transformer-XL: Adam,
 no weight decay).
@@ -355,8 +355,6 @@ def parse_args(argv=None):
     p.add_argument("--reset", action=argparse.BooleanOptionalAction, default=True, help="start each document "
                    "(a ` = Title = ` line) from an empty memory, in training and evaluation (default); --no-reset "
                    "carries the memory across documents, as Transformer-XL on WikiText-103")
-    p.add_argument("--tie", action=argparse.BooleanOptionalAction, default=True,
-                   help="share the input embedding with the adaptive softmax (default: on)")
     p.add_argument("--dtype", choices=["float32", "bf16"], help="bf16: autocast, with the method's math and the "
                    "output layer in float32 (default: bf16 on CUDA, float32 on CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
@@ -403,12 +401,54 @@ def parse_args(argv=None):
     return args
 
 
-def main(args):
+@dataclasses.dataclass
+class Run:
+    """A training run on this process: what setup builds, and the state the loop advances (ckpt.pt saves it)."""
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: torch.device
+    log: object  # print on rank 0, silent on the others
+    vocab: list
+    data: dict
+    streams: tuple  # this rank's (inputs, targets, mask, first) of train_streams
+    cfg: Config
+    settings: dict  # what a checkpoint must match to be resumed; results.json's config
+    model: LanguageModel
+    ddp: nn.Module  # the model, wrapped for DDP when world > 1
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    autocast: torch.autocast
+    memory: object
+    step: int = 0
+    pos: int = 0  # where the next segment starts in the streams
+    minutes_before: float = 0.0  # spent in the runs this one resumes
+    history: list = dataclasses.field(default_factory=list)  # (step, valid perplexity) of every --eval-every evaluation
+    start: float = 0.0  # when this process's training loop started
+    eval_seconds: float = 0.0  # time spent validating, kept out of tokens/s
+    saved_at: int = None  # the step of the last ckpt.pt
+
+    def portable(self):
+        """What load_model needs (configuration, vocabulary, weights), and the run's settings."""
+        return {"config": dataclasses.asdict(self.cfg), "vocab": self.vocab, "tie": True, "run": self.settings,
+                "model": self.model.state_dict()}
+
+    @property
+    def tokens_per_step(self):
+        return self.args.batch_size * self.cfg.seg_len * self.world
+
+    def perplexity(self, split):
+        """The split's perplexity: per document with --reset, else with the memory carried over."""
+        return perplexity(self.model, self.data[split], self.args.eval_streams, self.cfg.seg_len, self.device,
+                          self.autocast, self.data[f"{split}_docs"] if self.args.reset else None)
+
+
+def setup(args):
+    """This process's data, model and optimizer; with --resume, the saved state."""
     rank, world, device = init_distributed(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
     os.makedirs(args.out, exist_ok=True)
-
-    # Data: rank 0 tokenises (or loads the cache) first, then the others read the cache.
+    # Rank 0 tokenises (or loads the cache) first, then the others read the cache.
     if rank == 0:
         vocab, data = load_corpus(args.data, args.out)
     if world > 1:
@@ -420,168 +460,178 @@ def main(args):
                         f"{args.batch_size * world} streams")
     streams = train_streams(data["train"], data["train_docs"], args.batch_size * world, args.model["seg_len"],
                             args.reset)
-    inputs, targets, mask, first = (t[rank * args.batch_size:(rank + 1) * args.batch_size] for t in streams)
-    docs = lambda split: data[f"{split}_docs"] if args.reset else None  # evaluation: per document, or carried over
+    streams = tuple(t[rank * args.batch_size:(rank + 1) * args.batch_size] for t in streams)
 
     cfg = Config(vocab_size=len(vocab), memory=args.memory, lm_head=False, **args.model)
-    portable = {"config": dataclasses.asdict(cfg), "vocab": vocab, "tie": args.tie}  # load_model needs only these
-    run = {**vars(cfg), "tie": args.tie, "batch_size": args.batch_size, "world_size": world,
-           "max_steps": args.max_steps, "lr": args.lr, "warmup": args.warmup, "clip": args.clip, "seed": args.seed,
-           "train_tokens": len(data["train"]), "reset": args.reset}
-    ckpt = load_checkpoint(args.resume, run) if args.resume else None
+    settings = {**vars(cfg), "tie": True, "batch_size": args.batch_size, "world_size": world,
+                "max_steps": args.max_steps, "lr": args.lr, "warmup": args.warmup, "clip": args.clip,
+                "seed": args.seed, "train_tokens": len(data["train"]), "reset": args.reset}
+    ckpt = load_checkpoint(args.resume, settings) if args.resume else None
     torch.manual_seed(args.seed + rank)
-    model = LanguageModel(cfg, args.tie).to(device)
+    model = LanguageModel(cfg, tie=True).to(device)
     ddp = model
     if world > 1:  # some parameters get no gradient in a step: the adaptive softmax skips a tail cluster
         # when no target of the batch falls in it, and the LTM is unused while its memory is empty
         ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-
     # linear warm-up, then cosine decay to zero at max_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, 1.0, args.warmup, args.max_steps, floor=0.0))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
-    step, pos, memory, minutes_before = 0, 0, model.body.init_memory(args.batch_size), 0.0
-    history = []  # (step, valid perplexity) of every --eval-every evaluation
+    r = Run(args, rank, world, device, log, vocab, data, streams, cfg, settings, model, ddp, opt, sched, autocast,
+            memory=model.body.init_memory(args.batch_size))
     if ckpt:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        step, pos, minutes_before = ckpt["step"], ckpt["pos"][rank], ckpt["minutes"]
-        memory = ckpt["memory"][rank].to(device)
+        r.step, r.pos, r.minutes_before, r.history = ckpt["step"], ckpt["pos"][rank], ckpt["minutes"], ckpt["history"]
+        r.memory = ckpt["memory"][rank].to(device)
         set_rng_state(ckpt["rng"][rank])
-        history = ckpt["history"]
-        log(f"resumed from {args.resume} at step {step}")
+        log(f"resumed from {args.resume} at step {r.step}")
+    return r
 
-    saved_at, eval_seconds = None, 0.0  # eval_seconds: time spent validating, kept out of tokens/s
 
-    def save(path):
-        """Every rank's memory, stream position and RNG go to rank 0, which writes the file."""
-        nonlocal saved_at
-        saved_at = step
-        state = (memory.to("cpu"), pos, rng_state())
-        states = [None] * world
-        if world > 1:
-            dist.gather_object(state, states if rank == 0 else None, dst=0)
-        else:
-            states = [state]
-        if rank == 0:
-            mem, positions, rngs = zip(*states)
-            atomic_save({**portable, "run": run, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                         "scheduler": sched.state_dict(), "step": step, "pos": list(positions), "memory": list(mem),
-                         "rng": list(rngs), "history": history,
-                         "minutes": minutes_before + (time.time() - start) / 60}, path)
+def train_step(r):
+    """One segment of every stream: forward, backward, optimizer step. Returns the loss and the rate it used."""
+    inputs, targets, mask, first = r.streams
+    if r.pos >= inputs.size(1):  # end of the streams: a new epoch starts with an empty memory
+        r.pos, r.memory = 0, r.model.body.init_memory(r.args.batch_size)
+    x, y, real = (t[:, r.pos:r.pos + r.cfg.seg_len] for t in (inputs, targets, mask))
+    if r.args.reset:  # a stream whose next document starts here
+        r.memory = r.model.body.reset_memory(r.memory, first[:, r.pos])
+    with r.autocast:
+        nll, r.memory, kl = r.ddp(x.long().to(r.device), y.long().to(r.device), r.memory)
+    if r.args.reset:  # the mean over real pairs: the padding before a document is masked out
+        loss = (nll * real.to(r.device)).sum() / real.sum().clamp_min(1).to(r.device)
+    else:
+        loss = nll.mean()
+    r.opt.zero_grad(set_to_none=True)
+    (loss + kl).backward()
+    nn.utils.clip_grad_norm_(r.model.parameters(), r.args.clip)
+    r.opt.step()
+    lr = r.sched.get_last_lr()[0]  # the rate this step used
+    r.sched.step()
+    r.step, r.pos = r.step + 1, r.pos + x.size(1)
+    return loss.item(), lr
 
-    best_path = os.path.join(args.out, "best.pt")
 
-    def validate():
-        """Rank 0 measures the valid perplexity and keeps the best weights; the other ranks wait."""
-        nonlocal eval_seconds
-        t0 = time.time()
-        if rank == 0:
-            ppl = perplexity(model, data["valid"], args.eval_streams, cfg.seg_len, device, autocast, docs("valid"))
-            best = min((p for _, p in history), default=math.inf)
-            history.append((step, ppl))
-            if ppl < best:
-                atomic_save({**portable, "run": run, "model": model.state_dict(), "step": step, "valid_ppl": ppl},
-                            best_path)
-            log(f"step {step} | valid ppl {ppl:.2f} | best {min(ppl, best):.2f}", flush=True)
-        if world > 1:
-            dist.barrier()
-        eval_seconds += time.time() - t0
+def save_checkpoint(r, path):
+    """Every rank's memory, stream position and RNG go to rank 0, which writes the file."""
+    r.saved_at = r.step
+    state = (r.memory.to("cpu"), r.pos, rng_state())
+    states = [state]
+    if r.world > 1:
+        states = [None] * r.world
+        dist.gather_object(state, states if r.rank == 0 else None, dst=0)
+    if r.rank == 0:
+        memory, positions, rngs = zip(*states)
+        atomic_save({**r.portable(), "optimizer": r.opt.state_dict(), "scheduler": r.sched.state_dict(),
+                     "step": r.step, "pos": list(positions), "memory": list(memory), "rng": list(rngs),
+                     "history": r.history, "minutes": r.minutes_before + (time.time() - r.start) / 60}, path)
 
+
+def validate(r):
+    """Rank 0 measures the valid perplexity and keeps the best weights in best.pt; the other ranks wait."""
+    t0 = time.time()
+    if r.rank == 0:
+        ppl = r.perplexity("valid")
+        best = min((p for _, p in r.history), default=math.inf)
+        r.history.append((r.step, ppl))
+        if ppl < best:
+            atomic_save({**r.portable(), "step": r.step, "valid_ppl": ppl}, os.path.join(r.args.out, "best.pt"))
+        r.log(f"step {r.step} | valid ppl {ppl:.2f} | best {min(ppl, best):.2f}", flush=True)
+    if r.world > 1:
+        dist.barrier()
+    r.eval_seconds += time.time() - t0
+
+
+def train(r):
+    """The training loop, to --max-steps or --max-minutes; SIGINT/SIGTERM saves ckpt.pt and exits. Returns the
+    last step's loss, the steps this process ran and their seconds (validation left out)."""
+    args = r.args
     stop = {"signal": None}  # set by SIGINT/SIGTERM; the loop saves and exits at the next step boundary
     handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
                 for s in (signal.SIGINT, signal.SIGTERM)}
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"{args.memory}: {n_params:,} parameters, vocabulary {len(vocab):,}, {world} process(es) × "
-        f"{args.batch_size} streams × {cfg.seg_len} tokens per step, device {device}", flush=True)
+    r.log(f"{args.memory}: {sum(p.numel() for p in r.model.parameters()):,} parameters, vocabulary "
+          f"{len(r.vocab):,}, {r.world} process(es) × {args.batch_size} streams × {r.cfg.seg_len} tokens per step, "
+          f"device {r.device}", flush=True)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    tokens_per_step = args.batch_size * cfg.seg_len * world
-    start = last_log = time.time()
-    first_step, window, last_loss = step, [], None
-    while step < args.max_steps:
-        if pos >= inputs.size(1):  # end of the streams: a new epoch starts with an empty memory
-            pos, memory = 0, model.body.init_memory(args.batch_size)
-        x, y, real = (t[:, pos:pos + cfg.seg_len] for t in (inputs, targets, mask))
-        if args.reset:  # a stream whose next document starts here
-            memory = model.body.reset_memory(memory, first[:, pos])
-        with autocast:
-            nll, memory, kl = ddp(x.long().to(device), y.long().to(device), memory)
-        loss = nll.mean() if not args.reset else (nll * real.to(device)).sum() / real.sum().clamp_min(1).to(device)
-        opt.zero_grad(set_to_none=True)
-        (loss + kl).backward()
-        nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        opt.step()
-        lr = sched.get_last_lr()[0]  # the rate this step used
-        sched.step()
-        step, pos = step + 1, pos + x.size(1)
-        last_loss = loss.item()
-        window.append(last_loss)
-        elapsed = time.time() - start
-        out_of_time = args.max_minutes is not None and minutes_before + elapsed / 60 >= args.max_minutes
-        flags = torch.tensor([stop["signal"] is not None, out_of_time], dtype=torch.float32, device=device)
-        if world > 1:  # every rank must stop at the same step
+    r.start = last_log = time.time()
+    first_step, window, loss = r.step, [], None
+    while r.step < args.max_steps:
+        loss, lr = train_step(r)
+        window.append(loss)
+        elapsed = time.time() - r.start
+        out_of_time = args.max_minutes is not None and r.minutes_before + elapsed / 60 >= args.max_minutes
+        flags = torch.tensor([stop["signal"] is not None, out_of_time], dtype=torch.float32, device=r.device)
+        if r.world > 1:  # every rank must stop at the same step
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        if time.time() - last_log >= args.log_seconds or step == args.max_steps or flags.any():
-            steps_left = args.max_steps - step
-            eta = (elapsed - eval_seconds) / (step - first_step) * steps_left / 60
+        if time.time() - last_log >= args.log_seconds or r.step == args.max_steps or flags.any():
+            eta = (elapsed - r.eval_seconds) / (r.step - first_step) * (args.max_steps - r.step) / 60
             if args.max_minutes is not None:
-                eta = min(eta, args.max_minutes - minutes_before - elapsed / 60)
+                eta = min(eta, args.max_minutes - r.minutes_before - elapsed / 60)
             mean = sum(window) / len(window)
-            log(f"step {step}/{args.max_steps} | loss {mean:.3f} | ppl {math.exp(mean):.1f} | "
-                f"lr {lr:.2e} | {tokens_per_step * (step - first_step) / (elapsed - eval_seconds):,.0f} tok/s | "
-                f"ETA {eta:.1f} min", flush=True)
+            tokens_per_second = r.tokens_per_step * (r.step - first_step) / (elapsed - r.eval_seconds)
+            r.log(f"step {r.step}/{args.max_steps} | loss {mean:.3f} | ppl {math.exp(mean):.1f} | lr {lr:.2e} | "
+                  f"{tokens_per_second:,.0f} tok/s | ETA {eta:.1f} min", flush=True)
             window, last_log = [], time.time()
         if flags[0]:
-            save(ckpt_path)
-            log(f"interrupted at step {step}: saved {ckpt_path}; continue with --resume {ckpt_path}", flush=True)
-            if world > 1:
+            save_checkpoint(r, ckpt_path)
+            r.log(f"interrupted at step {r.step}: saved {ckpt_path}; continue with --resume {ckpt_path}", flush=True)
+            if r.world > 1:
                 dist.destroy_process_group()
             sys.exit(128 + stop["signal"])
-        if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps or flags[1]):
-            validate()
-        if step % args.save_every == 0 or flags[1]:
-            save(ckpt_path)
+        if args.eval_every and (r.step % args.eval_every == 0 or r.step == args.max_steps or flags[1]):
+            validate(r)
+        if r.step % args.save_every == 0 or flags[1]:
+            save_checkpoint(r, ckpt_path)
         if flags[1]:
-            log(f"--max-minutes {args.max_minutes} reached at step {step}")
+            r.log(f"--max-minutes {args.max_minutes} reached at step {r.step}")
             break
-    train_seconds = time.time() - start - eval_seconds
-    if saved_at != step:
-        save(ckpt_path)  # the final state
+    seconds = time.time() - r.start - r.eval_seconds
+    if r.saved_at != r.step:
+        save_checkpoint(r, ckpt_path)  # the final state
     for s, h in handlers.items():
         signal.signal(s, h)
+    return loss, r.step - first_step, seconds
 
-    if rank == 0:
-        evaluated, evaluated_step = "last", step
-        if history:  # the best weights of the run
-            best = torch.load(best_path, map_location=device)
-            model.load_state_dict(best["model"])
-            evaluated, evaluated_step = "best", best["step"]
-        log(f"evaluating the {evaluated} weights (step {evaluated_step}) on {len(data['valid']):,} valid and {len(data['test']):,} "
-            f"test tokens ...", flush=True)
-        ppl = {s: perplexity(model, data[s], args.eval_streams, cfg.seg_len, device, autocast, docs(s))
-               for s in ("valid", "test")}
-        ltm_zeroed = None
-        if cfg.memory in ("infinite", "sticky"):
-            with ltm_read_zeroed(model.body):
-                ltm_zeroed = perplexity(model, data["valid"], args.eval_streams, cfg.seg_len, device, autocast,
-                                        docs("valid"))
-            log(f"LTM use: with every Z_LTM zeroed the valid perplexity is {ltm_zeroed:.2f}, against "
-                f"{ppl['valid']:.2f} ({100 * (ltm_zeroed / ppl['valid'] - 1):+.1f}%)")
-        peak = peak_memory_mb(device)
-        ran = step - first_step
-        result = {"memory": args.memory, "valid_ppl": round(ppl["valid"], 2), "test_ppl": round(ppl["test"], 2),
-                  "valid_ppl_ltm_zeroed": None if ltm_zeroed is None else round(ltm_zeroed, 2),
-                  "tokens_per_second": round(tokens_per_step * ran / train_seconds) if ran else None,
-                  "peak_memory_mb": round(peak, 1), "minutes": round(minutes_before + (time.time() - start) / 60, 2),
-                  "steps": step, "evaluated": evaluated, "evaluated_step": evaluated_step,
-                  "valid_history": [[s, round(p, 2)] for s, p in history],
-                  "train_loss": last_loss,
-                  "config": {**run, "device": str(device), "dtype": args.dtype}}
-        save_json(result, os.path.join(args.out, "results.json"), indent=2)
-        log(f"{args.memory}, {evaluated} weights (step {evaluated_step}): valid ppl {ppl['valid']:.2f} | test ppl {ppl['test']:.2f} | "
-            f"results in {os.path.join(args.out, 'results.json')}")
-    if world > 1:
+
+def final_evaluation(r, train_loss, steps, seconds):
+    """Rank 0: the valid and test perplexity of the best weights (of the last without --eval-every), in results.json."""
+    args, model = r.args, r.model
+    evaluated, evaluated_step = "last", r.step
+    if r.history:  # the best weights of the run
+        best = torch.load(os.path.join(args.out, "best.pt"), map_location=r.device)
+        model.load_state_dict(best["model"])
+        evaluated, evaluated_step = "best", best["step"]
+    r.log(f"evaluating the {evaluated} weights (step {evaluated_step}) on {len(r.data['valid']):,} valid and "
+          f"{len(r.data['test']):,} test tokens ...", flush=True)
+    ppl = {s: r.perplexity(s) for s in ("valid", "test")}
+    ltm_zeroed = None
+    if r.cfg.memory in ("infinite", "sticky"):
+        with ltm_read_zeroed(model.body):
+            ltm_zeroed = r.perplexity("valid")
+        r.log(f"LTM use: with every Z_LTM zeroed the valid perplexity is {ltm_zeroed:.2f}, against "
+              f"{ppl['valid']:.2f} ({100 * (ltm_zeroed / ppl['valid'] - 1):+.1f}%)")
+    result = {"memory": args.memory, "valid_ppl": round(ppl["valid"], 2), "test_ppl": round(ppl["test"], 2),
+              "valid_ppl_ltm_zeroed": None if ltm_zeroed is None else round(ltm_zeroed, 2),
+              "tokens_per_second": round(r.tokens_per_step * steps / seconds) if steps else None,
+              "peak_memory_mb": round(peak_memory_mb(r.device), 1),
+              "minutes": round(r.minutes_before + (time.time() - r.start) / 60, 2),
+              "steps": r.step, "evaluated": evaluated, "evaluated_step": evaluated_step,
+              "valid_history": [[s, round(p, 2)] for s, p in r.history], "train_loss": train_loss,
+              "config": {**r.settings, "device": str(r.device), "dtype": args.dtype}}
+    path = os.path.join(args.out, "results.json")
+    save_json(result, path, indent=2)
+    r.log(f"{args.memory}, {evaluated} weights (step {evaluated_step}): valid ppl {ppl['valid']:.2f} | "
+          f"test ppl {ppl['test']:.2f} | results in {path}")
+
+
+def main(args):
+    r = setup(args)
+    train_loss, steps, seconds = train(r)
+    if r.rank == 0:
+        final_evaluation(r, train_loss, steps, seconds)
+    if r.world > 1:
         dist.barrier()
         dist.destroy_process_group()
 
