@@ -8,22 +8,19 @@ Word-level language modelling on WikiText-103 with memories carried across segme
   python train_lm.py --data data/wikitext-103 --resume runs/lm/ckpt.pt   # continue a run
   python train_lm.py --generate runs/lm/ckpt.pt --prompt "The" --tokens 200  # sample text from a run
 
---data holds wiki.{train,valid,test}.tokens (or train.txt, valid.txt, test.txt). The
-token ids are cached beside the data (or under --out if that folder is read-only) and
-rebuilt when the files change. Each document (a ` = Title = ` line starts one) starts from an
-empty memory, in training and evaluation; --no-reset carries the memory across documents, as
-Transformer-XL on WikiText-103. The run ends with the valid and test perplexity (for infinite
-and sticky also the valid perplexity with every Z_LTM zeroed: how much the model relies on its
-LTM), and writes results.json and a checkpoint under --out. Several seeds: one run per --seed,
-each with its own --out. A checkpoint (ckpt.pt, best.pt) holds the configuration and the
-vocabulary too: load_model(path) gives the model and its vocabulary without the data, and
---generate samples from it.
+--data holds wiki.{train,valid,test}.tokens (or train.txt, valid.txt, test.txt). The token ids are cached
+beside the data (or under --out if that folder is read-only) and rebuilt when the files change. Each document
+(a ` = Title = ` line starts one) starts from an empty memory, in training and evaluation; --no-reset carries
+the memory across documents, as Transformer-XL on WikiText-103. The run ends with the valid and test perplexity
+(for infinite and sticky also the valid perplexity with every Z_LTM zeroed: how much the model relies on its
+LTM), and writes results.json and a checkpoint under --out. Several seeds: one run per --seed, each with its
+own --out. A checkpoint (ckpt.pt, best.pt) holds the configuration and the vocabulary too: load_model(path)
+gives the model and its vocabulary without the data, and --generate samples from it.
 
-Where the training departs from Transformer-XL's: PyTorch's nn.AdaptiveLogSoftmaxWithLoss
-gives each tail cluster a projection of its own (d -> d / 4^i untied; d tied, as here) and has no output
-biases (Transformer-XL's has biases and, with div_val 1, shares the projections); AdamW's weight
-decay 0.01 applies to every parameter, LayerNorms and embeddings included (Transformer-XL: Adam,
-no weight decay).
+Where the training departs from Transformer-XL's: PyTorch's nn.AdaptiveLogSoftmaxWithLoss gives each tail
+cluster a projection of its own (d; d / 4^i untied) and has no output biases (Transformer-XL's has biases and,
+with div_val 1, shares the projections); AdamW's weight decay 0.01 applies to every parameter, LayerNorms and
+embeddings included (Transformer-XL: Adam, no weight decay).
 """
 import argparse
 import array
@@ -341,29 +338,24 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="train_lm.py", description=__doc__,  # prog: the same name under pytest
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="folder with the WikiText train/valid/test files (required to train)")
-    p.add_argument("--memory", choices=["xl", "compressive", "infinite", "sticky"], default="xl",
-                   help="memory kind (default xl)")
+    p.add_argument("--memory", choices=["xl", "compressive", "infinite", "sticky"], default="xl", help="(default xl)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="model and training setting (default cpu)")
-    p.add_argument("--max-steps", type=int, help="training steps; the learning-rate schedule spans them "
-                                                "(preset: cpu 1500, paper 200000)")
+    p.add_argument("--max-steps", type=int, help="steps the learning-rate schedule spans (preset: cpu 1500, paper 2e5)")
     p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (then evaluate)")
     p.add_argument("--batch-size", type=int, help="streams per process (preset: cpu 16, paper 60)")
     p.add_argument("--lr", type=float, help="peak learning rate (preset: cpu 1e-3, paper 2.5e-4)")
-    p.add_argument("--kl-weight", type=float, help="weight of the KL regulariser on the LTM's densities "
-                   "(infinite and sticky; default: Config's 1e-6)")
+    p.add_argument("--kl-weight", type=float, help="weight of the KL term on the LTM's densities (default: Config's)")
     p.add_argument("--eval-streams", type=int, default=10, help="streams the valid/test text is cut into (default 10)")
-    p.add_argument("--reset", action=argparse.BooleanOptionalAction, default=True, help="start each document "
-                   "(a ` = Title = ` line) from an empty memory, in training and evaluation (default); --no-reset "
-                   "carries the memory across documents, as Transformer-XL on WikiText-103")
-    p.add_argument("--dtype", choices=["float32", "bf16"], help="bf16: autocast, with the method's math and the "
-                   "output layer in float32 (default: bf16 on CUDA, float32 on CPU)")
+    p.add_argument("--reset", action=argparse.BooleanOptionalAction, default=True, help="start each document from "
+                   "an empty memory (default); --no-reset carries the memory across documents, as Transformer-XL")
+    p.add_argument("--dtype", choices=["float32", "bf16"], help="bf16: autocast, the method's math and the output "
+                   "layer in float32 (default: bf16 on CUDA, float32 on CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="runs/lm", help="folder for results.json and ckpt.pt (default runs/lm)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every this many steps (default 500)")
-    p.add_argument("--eval-every", type=int, help="valid perplexity every this many steps (and at the end); the "
-                   "best weights go to best.pt and are the ones evaluated at the end (default: only the last)")
+    p.add_argument("--eval-every", type=int, help="valid perplexity every this many steps and at the end; the best "
+                   "weights go to best.pt and are the ones evaluated at the end (default: the last)")
     p.add_argument("--resume", help="checkpoint to continue from (the same configuration)")
     p.add_argument("--log-seconds", type=float, default=5.0, help="seconds between progress lines (default 5)")
     g = p.add_argument_group("generation (instead of training)")
@@ -372,13 +364,11 @@ def parse_args(argv=None):
     g.add_argument("--tokens", type=int, default=200, help="words to sample (default 200)")
     g.add_argument("--temperature", type=float, default=1.0, help="divides the logits (default 1.0)")
     g.add_argument("--top-k", type=int, help="sample among the k most likely words only (default: all)")
+    preset = PRESETS[p.parse_known_args(argv)[0].preset]
+    p.set_defaults(**{k: preset[k] for k in ("batch_size", "max_steps", "lr")})  # the preset's, unless given
     args = p.parse_args(argv)
     if args.data is None and args.generate is None:
         p.error("--data is required to train (or --generate CKPT to sample from a saved run)")
-    preset = PRESETS[args.preset]
-    for key in ("batch_size", "max_steps", "lr"):
-        if getattr(args, key) is None:
-            setattr(args, key, preset[key])
     args.warmup, args.clip, args.model = min(preset["warmup"], args.max_steps), preset["clip"], dict(preset["model"])
     if args.kl_weight is not None:
         args.model["kl_weight"] = args.kl_weight
@@ -469,10 +459,9 @@ def setup(args):
     ckpt = load_checkpoint(args.resume, settings) if args.resume else None
     torch.manual_seed(args.seed + rank)
     model = LanguageModel(cfg, tie=True).to(device)
-    ddp = model
-    if world > 1:  # some parameters get no gradient in a step: the adaptive softmax skips a tail cluster
-        # when no target of the batch falls in it, and the LTM is unused while its memory is empty
-        ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    # Under DDP some parameters get no gradient in a step: the adaptive softmax skips a tail cluster
+    # when no target of the batch falls in it, and the LTM is unused while its memory is empty.
+    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     # linear warm-up, then cosine decay to zero at max_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, 1.0, args.warmup, args.max_steps, floor=0.0))
@@ -500,10 +489,8 @@ def train_step(r):
         r.memory = r.model.body.reset_memory(r.memory, first[:, r.pos])
     with r.autocast:
         nll, r.memory, kl = r.ddp(x.long().to(r.device), y.long().to(r.device), r.memory)
-    if r.args.reset:  # the mean over real pairs: the padding before a document is masked out
-        loss = (nll * real.to(r.device)).sum() / real.sum().clamp_min(1).to(r.device)
-    else:
-        loss = nll.mean()
+    real = real.to(r.device)  # with --reset, the padding before a document is masked out of the mean
+    loss = (nll * real).sum() / real.sum().clamp_min(1) if r.args.reset else nll.mean()
     r.opt.zero_grad(set_to_none=True)
     (loss + kl).backward()
     nn.utils.clip_grad_norm_(r.model.parameters(), r.args.clip)
