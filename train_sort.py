@@ -58,7 +58,6 @@ PRESETS = {
 }
 RISE = 0.05  # the LTM "is used" once zeroing its reads costs 5 points of held-out accuracy
 UNIFORM = sum(1 / k for k in range(1, N_SYMBOLS + 1)) / N_SYMBOLS  # H₂₀/20: a uniform pick among those not given
-GRID = torch.linspace(0, 1, 201)  # where the LTM's attention densities are evaluated
 
 
 # -----------------------------------------------------------------------------
@@ -273,14 +272,6 @@ def ltm_diagnostics(model, inputs, targets, args, autocast):
             "accuracy": round(accuracy(logits), 4), "ltm_use": round(accuracy(logits) - accuracy(ablated), 4)}
 
 
-@seeded
-def ltm_densities(model, inputs, args, autocast):
-    """Where the LTM's Gaussians put their mass: per layer, N(t; μ, σ²) on GRID, mean over batch, heads, answers."""
-    reads, _ = ltm_reads(model, inputs, args, autocast)
-    return [(torch.exp(-(GRID - mu[..., None]) ** 2 / (2 * var[..., None])) / torch.sqrt(2 * math.pi * var[..., None]))
-            .mean((0, 1, 2)) for _, _, mu, var in reads]
-
-
 def count_ranking_accuracy(inputs, targets, window):
     """Accuracy of ranking by the counts of the stream's last `window` tokens, teacher-forced as the model is: at
     answer k, the best-ranked symbol not among the first k."""
@@ -372,8 +363,7 @@ def train(kind, seq_len, seed, args, valid_set, test_set, rank, world):
               "peak_memory_mb": round(peak_memory_mb(device), 1), "minutes": round((time.time() - start) / 60, 2),
               "config": {**run_config(cfg, seq_len, seed, args, world), "device": str(device)}}
     if history:
-        result.update(ltm_rise_step=rise, ltm_diagnostics=history,
-                      densities=[d.tolist() for d in ltm_densities(model, probe[0], args, autocast)])
+        result.update(ltm_rise_step=rise, ltm_diagnostics=history)
     print(f"{kind}, S = {seq_len}, seed {seed}: valid accuracy {valid_accuracy:.3f}, test accuracy {accuracy:.3f} "
           f"({len(test_set[0])} held-out sequences each)"
           + (f"; the LTM is used (+{100 * RISE:.0f} pts) from step {rise}" if rise else ""), flush=True)
@@ -407,8 +397,7 @@ def summary(results, args, test_sets):
 
 
 def plot(results, out):
-    """Accuracy against S (the paper's Figure 2), with the spread over seeds shaded; how much the LTM was used over
-    training; where its attention went at the longest S."""
+    """sort.png: test accuracy against S (the paper's Figure 2), the spread over seeds shaded."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -416,30 +405,17 @@ def plot(results, out):
     except ImportError:
         print("matplotlib is not installed: plot skipped (pip install matplotlib to get sort.png)")
         return
-    fig, (by_length, use, density) = plt.subplots(1, 3, figsize=(15, 4))
+    fig, ax = plt.subplots(figsize=(6, 4))
     lengths = sorted({r["seq_len"] for r in results})
     for kind in dict.fromkeys(r["memory"] for r in results):
         acc = {S: [r["test_accuracy"] for r in results if r["memory"] == kind and r["seq_len"] == S] for S in lengths}
         S = [s for s in lengths if acc[s]]
-        line, = by_length.plot(S, [sum(acc[s]) / len(acc[s]) for s in S], "o-", label=kind)
-        by_length.fill_between(S, [min(acc[s]) for s in S], [max(acc[s]) for s in S], color=line.get_color(), alpha=0.2)
-    by_length.axhline(UNIFORM, color="gray", ls=":", label="uniform among those not given")
-    by_length.set(xscale="log", xlabel="sequence length S", ylabel="test accuracy", ylim=(0, 1), title="sorting")
-    by_length.set_xticks(lengths, [str(s) for s in lengths])
-    by_length.legend(fontsize=8)
-    longest = [r for r in results if r["seq_len"] == lengths[-1] and r.get("ltm_diagnostics")]
-    for r in longest:
-        steps, lost = zip(*[(d["step"], 100 * d["ltm_use"]) for d in r["ltm_diagnostics"]])
-        use.plot(steps, lost, label=f"{r['memory']} seed {r['seed']}")
-    use.set(xlabel="training step", ylabel="accuracy lost without the LTM (points)",
-            title=f"how much the LTM is used, S = {lengths[-1]}")
-    for r in longest[:2]:
-        for layer, d in enumerate(r["densities"]):
-            density.plot(GRID, d, label=f"{r['memory']} seed {r['seed']}, layer {layer + 1}")
-    density.set(xlabel="t (0: oldest, 1: newest)", ylabel="mean attention density", title="where the LTM reads")
-    for ax in (use, density):
-        if ax.lines:
-            ax.legend(fontsize=7)
+        line, = ax.plot(S, [sum(acc[s]) / len(acc[s]) for s in S], "o-", label=kind)
+        ax.fill_between(S, [min(acc[s]) for s in S], [max(acc[s]) for s in S], color=line.get_color(), alpha=0.2)
+    ax.axhline(UNIFORM, color="gray", ls=":", label="uniform among those not given")
+    ax.set(xscale="log", xlabel="sequence length S", ylabel="test accuracy", ylim=(0, 1), title="sorting")
+    ax.set_xticks(lengths, [str(s) for s in lengths])
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "sort.png"), dpi=100)
     print(f"plot: {os.path.join(out, 'sort.png')}")
