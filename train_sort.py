@@ -10,7 +10,7 @@ by how often they occurred in the whole sequence, which the recent tokens alone 
   torchrun --nproc_per_node=4 train_sort.py --preset paper --seeds 0 1 2   # Figure 2, several GPUs
 
 Each (memory, S, seed) is a row of results.json, not rerun with the same configuration and code: a sweep resumes.
-Departure from the authors': fresh sequences every step (they train on a fixed 8,000), never the held-out seeds'.
+Departure from the authors': fresh sequences every step (they train on a fixed 8,000), never from the held-out seeds.
 train_lm.py imports its plumbing from here, so the scripts don't repeat it; infformer.py holds the model, not plumbing.
 """
 import argparse
