@@ -1,8 +1,7 @@
 """The sorting task of the ∞-former paper (§5.1), comparing the four memory kinds.
 
-A sequence of S symbols is drawn from a distribution that drifts from p_init to p_final; the model must then output
-the 20 symbols ordered by how often they occurred in the whole sequence. The recent tokens alone give the wrong order,
-so a model that sees only its last segment and short-term memory fails as S grows; one that remembers all can succeed.
+S symbols are drawn from a distribution drifting from p_init to p_final; the model must then output the 20 symbols
+by how often they occurred in the whole sequence, which the recent tokens alone get wrong: memory must reach back.
 
   python train_sort.py                                  # all four memories, CPU preset, S = 1024
   python train_sort.py --memory infinite xl --seed 3    # some memory kinds, another seed
@@ -10,10 +9,8 @@ so a model that sees only its last segment and short-term memory fails as S grow
   python train_sort.py --preset paper --seq-len 8000    # the paper's setting, one GPU
   torchrun --nproc_per_node=4 train_sort.py --preset paper --seeds 0 1 2   # Figure 2, several GPUs
 
-Every (memory, S, seed) is one run and one row of results.json; a run already there with the same configuration,
-eval size and code (a hash of this file and infformer.py) is not repeated, so an interrupted sweep continues.
-Where the training departs from the authors': every step draws fresh sequences (they train on a fixed 8,000), so
-the model cannot memorise its training set, and the held-out sets come from seeds that training never draws.
+Each (memory, S, seed) is a row of results.json, not rerun with the same configuration and code: a sweep resumes.
+Departure from the authors': fresh sequences every step (they train on a fixed 8,000), never from the held-out seeds.
 train_lm.py imports its plumbing from here, so the scripts don't repeat it; infformer.py holds the model, not plumbing.
 """
 import argparse
@@ -43,22 +40,20 @@ CPU_MODEL = dict(d_model=64, n_layers=2, n_heads=4, d_ff=256, dropout=0.0, seg_l
 PRESETS = {
     # A compact model that learns the task on a laptop CPU in minutes per memory kind. At lr 3e-3
     # some seeds stalled for a thousand steps (the ∞-former on 2 of 3); 2e-3 learned with all of them.
-    "cpu": dict(seq_len=[1024], steps=2000, batch_size=16, lr=2e-3, warmup=30, clip=1.0, eval_size=512,
-                model=CPU_MODEL),
+    "cpu": dict(seq_len=[1024], steps=2000, batch_size=16, lr=2e-3, warmup=30, clip=1.0, model=CPU_MODEL),
     # The length sweep on a CPU (the paper's Figure 2, scaled down): every memory half the cpu
     # preset's, so that S = 128 fits inside Transformer-XL's window and S = 2048 is four times what
     # the compressed memory covers (64 slots × 8 + STM 64 + segment 64).
-    "sweep": dict(seq_len=[128, 512, 2048], steps=1500, batch_size=16, lr=2e-3, warmup=30, clip=1.0, eval_size=512,
+    "sweep": dict(seq_len=[128, 512, 2048], steps=1500, batch_size=16, lr=2e-3, warmup=30, clip=1.0,
                   model=dict(CPU_MODEL, seg_len=64, mem_len=64, num_basis=64, num_samples=64, cmem_len=64)),
     # The paper's setting (the authors' sorting code: N = 512, widths {0.01, 0.05}, M = 512).
-    "paper": dict(seq_len=[4000, 8000, 16000], steps=20000, batch_size=8, lr=2e-4, warmup=0, clip=0.25, eval_size=512,
+    "paper": dict(seq_len=[4000, 8000, 16000], steps=20000, batch_size=8, lr=2e-4, warmup=0, clip=0.25,
                   model=dict(d_model=300, n_layers=3, n_heads=6, d_ff=300, dropout=0.1, seg_len=1024, mem_len=1024,
                              num_basis=512, basis_widths=(0.01, 0.05), num_samples=512, tau=0.75, cmem_len=512,
                              compress_rate=4)),
 }
 RISE = 0.05  # the LTM "is used" once zeroing its reads costs 5 points of held-out accuracy
 UNIFORM = sum(1 / k for k in range(1, N_SYMBOLS + 1)) / N_SYMBOLS  # H₂₀/20: a uniform pick among those not given
-GRID = torch.linspace(0, 1, 201)  # where the LTM's attention densities are evaluated
 
 
 # -----------------------------------------------------------------------------
@@ -149,8 +144,7 @@ def sort_targets(streams):
     """The 20 symbols by decreasing count (ties: first occurrence first), unseen ones ascending."""
     B, S = streams.shape
     counts = F.one_hot(streams, N_SYMBOLS).sum(1)  # (B, 20)
-    positions = torch.arange(S).expand(B, S)
-    first = torch.full((B, N_SYMBOLS), S).scatter_reduce(1, streams, positions, "amin")  # S if unseen
+    first = torch.full((B, N_SYMBOLS), S).scatter_reduce(1, streams, torch.arange(S).expand(B, S), "amin")  # S: unseen
     key = (-counts * (S + 1) + first) * N_SYMBOLS + torch.arange(N_SYMBOLS)  # lexicographic (−count, first, symbol)
     return key.argsort(1)
 
@@ -176,8 +170,7 @@ def segments(inputs, seg_len):
 
 
 def target_logits(model, inputs, seg_len, autocast):
-    """Logits at the 20 target positions (B, 20, V) and the KL term. Only the last segment, which holds the
-    targets, builds a graph; the earlier ones only fill the memories."""
+    """Logits at the 20 targets (B, 20, V) and the KL term; only the last segment builds a graph."""
     chunks, memory = segments(inputs, seg_len), None
     with torch.no_grad(), autocast:
         for chunk in chunks[:-1]:
@@ -208,10 +201,8 @@ def make_model(cfg):
 
 def model_config(kind, args):
     """Equal budgets: the long-range memories hold num_basis = cmem_len vectors; xl gets an STM that much longer."""
-    model = dict(args.model)
-    if kind == "xl":
-        model["mem_len"] += model["num_basis"]
-    return Config(vocab_size=VOCAB, memory="xl" if kind == "xl-stm" else kind, **model)
+    mem_len = args.model["mem_len"] + (args.model["num_basis"] if kind == "xl" else 0)
+    return Config(vocab_size=VOCAB, memory="xl" if kind == "xl-stm" else kind, **{**args.model, "mem_len": mem_len})
 
 
 def budget(cfg):
@@ -236,8 +227,7 @@ def evaluate(model, inputs, targets, args, autocast):
 
 @torch.no_grad()
 def ltm_reads(model, inputs, args, autocast, ablate=False):
-    """Per layer with an LTM, the last segment's Z_STM, Z_LTM (bs, 20, d) and μ, σ² (bs, H, 20) at the answers, in
-    float32 on the CPU ([] if no LTM was read); and the logits at the answers. With ablate, every Z_LTM is zero."""
+    """Per LTM layer, Z_STM, Z_LTM (bs, 20, d), μ, σ² (bs, H, 20) at the answers ([] if unread); the logits."""
     blocks = [b for b in model.blocks if b.read_ltm is not None]
     stm, ltm = [], []  # every segment's Z_STM and (Z_LTM, μ, σ²), layer after layer
     hooks = [b.proj.register_forward_hook(lambda m, i, out: stm.append(out)) for b in blocks]
@@ -259,8 +249,7 @@ def ltm_reads(model, inputs, args, autocast, ablate=False):
 
 @seeded
 def ltm_diagnostics(model, inputs, targets, args, autocast):
-    """Per layer, on a held-out batch: the LTM's share (‖Z_LTM‖ / ‖Z_STM‖ at the answers), where it reads (mean
-    and spread of μ and σ), and how much the model relies on it: accuracy minus accuracy with every Z_LTM zero."""
+    """Per layer: ‖Z_LTM‖ / ‖Z_STM‖, mean and spread of μ and σ; ltm_use: accuracy lost with every Z_LTM zero."""
     reads, logits = ltm_reads(model, inputs, args, autocast)
     if not reads:
         return None
@@ -273,23 +262,11 @@ def ltm_diagnostics(model, inputs, targets, args, autocast):
             "accuracy": round(accuracy(logits), 4), "ltm_use": round(accuracy(logits) - accuracy(ablated), 4)}
 
 
-@seeded
-def ltm_densities(model, inputs, args, autocast):
-    """Where the LTM's Gaussians put their mass: per layer, N(t; μ, σ²) on GRID, mean over batch, heads, answers."""
-    reads, _ = ltm_reads(model, inputs, args, autocast)
-    return [(torch.exp(-(GRID - mu[..., None]) ** 2 / (2 * var[..., None])) / torch.sqrt(2 * math.pi * var[..., None]))
-            .mean((0, 1, 2)) for _, _, mu, var in reads]
-
-
 def count_ranking_accuracy(inputs, targets, window):
-    """Accuracy of ranking by the counts of the stream's last `window` tokens, teacher-forced as the model is: at
-    answer k, the best-ranked symbol not among the first k."""
+    """Accuracy of ranking by the counts of the last `window` tokens, teacher-forced: the best not yet given."""
     rank = sort_targets(inputs[:, :-N_SYMBOLS][:, -window:]).argsort(1)  # rank of every symbol  (bs, 20)
-    correct = 0
-    for k in range(N_SYMBOLS):
-        given = F.one_hot(targets[:, :k], N_SYMBOLS).sum(1).bool() if k else torch.zeros_like(rank, dtype=torch.bool)
-        correct += (rank.masked_fill(given, N_SYMBOLS).argmin(1) == targets[:, k]).sum().item()
-    return correct / targets.numel()
+    given = targets.argsort(1)[:, None] < torch.arange(N_SYMBOLS)[:, None]  # (bs, k, 20): given before answer k
+    return (rank[:, None].masked_fill(given, N_SYMBOLS).argmin(-1) == targets).sum().item() / targets.numel()
 
 
 # -----------------------------------------------------------------------------
@@ -298,8 +275,7 @@ def count_ranking_accuracy(inputs, targets, window):
 
 def code_fingerprint():
     """A hash of the code that computes a result: an edit to either file makes finished runs stale."""
-    here = pathlib.Path(__file__).resolve().parent
-    code = b"".join((here / name).read_bytes() for name in ("infformer.py", "train_sort.py"))
+    code = b"".join(pathlib.Path(__file__).resolve().with_name(f).read_bytes() for f in ("infformer.py", "train_sort.py"))
     return hashlib.sha256(code).hexdigest()[:16]
 
 
@@ -313,10 +289,8 @@ def run_config(cfg, seq_len, seed, args, world):
 def progress(kind, step, args, window, diag, seconds, tokens_per_step):
     """A progress line: mean loss and accuracy since the last one, the latest LTM diagnostics, speed and ETA."""
     loss, acc = (sum(v) / len(window) for v in zip(*window))
-    ltm = ""
-    if diag:
-        ltm = (f" | LTM/STM {' '.join(f'{x:.2f}' for x in diag['ltm_share'])} | σ "
-               f"{' '.join(f'{m:.2f}' for m, _ in diag['sigma'])} | LTM use {100 * diag['ltm_use']:+.1f} pts")
+    ltm = (f" | LTM/STM {' '.join(f'{x:.2f}' for x in diag['ltm_share'])} | σ "
+           f"{' '.join(f'{m:.2f}' for m, _ in diag['sigma'])} | LTM use {100 * diag['ltm_use']:+.1f} pts" if diag else "")
     return (f"{kind} step {step}/{args.steps} | loss {loss:.3f} | acc {acc:.3f}{ltm} | "
             f"{tokens_per_step * step / seconds:,.0f} tok/s | ETA {seconds / step * (args.steps - step) / 60:.1f} min")
 
@@ -353,8 +327,7 @@ def train(kind, seq_len, seed, args, valid_set, test_set, rank, world):
         if rank == 0 and kind in ("infinite", "sticky") and ((step + 1) % args.diag_every == 0 or step == 0):
             t0 = time.time()
             diag = ltm_diagnostics(model, *probe, args, autocast)
-            if diag:
-                history.append({"step": step + 1, **diag})
+            history += [{"step": step + 1, **diag}] if diag else []
             diag_seconds += time.time() - t0
         now = time.time()
         if rank == 0 and (now - last_log >= args.log_seconds or step == args.steps - 1):
@@ -372,8 +345,7 @@ def train(kind, seq_len, seed, args, valid_set, test_set, rank, world):
               "peak_memory_mb": round(peak_memory_mb(device), 1), "minutes": round((time.time() - start) / 60, 2),
               "config": {**run_config(cfg, seq_len, seed, args, world), "device": str(device)}}
     if history:
-        result.update(ltm_rise_step=rise, ltm_diagnostics=history,
-                      densities=[d.tolist() for d in ltm_densities(model, probe[0], args, autocast)])
+        result.update(ltm_rise_step=rise, ltm_diagnostics=history)
     print(f"{kind}, S = {seq_len}, seed {seed}: valid accuracy {valid_accuracy:.3f}, test accuracy {accuracy:.3f} "
           f"({len(test_set[0])} held-out sequences each)"
           + (f"; the LTM is used (+{100 * RISE:.0f} pts) from step {rise}" if rise else ""), flush=True)
@@ -395,8 +367,7 @@ def summary(results, args, test_sets):
         lines += [f"\nS = {seq_len} (reference levels: uniform among the symbols not yet given {UNIFORM:.3f}; counting "
                   f"the last {window} tokens, as far back as xl reaches, {counting:.3f})\n",
                   "| memory | budget | seeds | test accuracy (mean) | min–max | valid accuracy (mean) "
-                  "| minutes (mean) |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| minutes (mean) |", "|---|---|---|---|---|---|---|"]
         for kind in dict.fromkeys(r["memory"] for r in rows):
             runs = [r for r in rows if r["memory"] == kind]
             acc = [r["test_accuracy"] for r in runs]
@@ -407,8 +378,7 @@ def summary(results, args, test_sets):
 
 
 def plot(results, out):
-    """Accuracy against S (the paper's Figure 2), with the spread over seeds shaded; how much the LTM was used over
-    training; where its attention went at the longest S."""
+    """sort.png: test accuracy against S (the paper's Figure 2), the spread over seeds shaded."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -416,32 +386,18 @@ def plot(results, out):
     except ImportError:
         print("matplotlib is not installed: plot skipped (pip install matplotlib to get sort.png)")
         return
-    fig, (by_length, use, density) = plt.subplots(1, 3, figsize=(15, 4))
+    fig, ax = plt.subplots(figsize=(6, 4))
     lengths = sorted({r["seq_len"] for r in results})
     for kind in dict.fromkeys(r["memory"] for r in results):
         acc = {S: [r["test_accuracy"] for r in results if r["memory"] == kind and r["seq_len"] == S] for S in lengths}
         S = [s for s in lengths if acc[s]]
-        line, = by_length.plot(S, [sum(acc[s]) / len(acc[s]) for s in S], "o-", label=kind)
-        by_length.fill_between(S, [min(acc[s]) for s in S], [max(acc[s]) for s in S], color=line.get_color(), alpha=0.2)
-    by_length.axhline(UNIFORM, color="gray", ls=":", label="uniform among those not given")
-    by_length.set(xscale="log", xlabel="sequence length S", ylabel="test accuracy", ylim=(0, 1), title="sorting")
-    by_length.set_xticks(lengths, [str(s) for s in lengths])
-    by_length.legend(fontsize=8)
-    longest = [r for r in results if r["seq_len"] == lengths[-1] and r.get("ltm_diagnostics")]
-    for r in longest:
-        steps, lost = zip(*[(d["step"], 100 * d["ltm_use"]) for d in r["ltm_diagnostics"]])
-        use.plot(steps, lost, label=f"{r['memory']} seed {r['seed']}")
-    use.set(xlabel="training step", ylabel="accuracy lost without the LTM (points)",
-            title=f"how much the LTM is used, S = {lengths[-1]}")
-    for r in longest[:2]:
-        for layer, d in enumerate(r["densities"]):
-            density.plot(GRID, d, label=f"{r['memory']} seed {r['seed']}, layer {layer + 1}")
-    density.set(xlabel="t (0: oldest, 1: newest)", ylabel="mean attention density", title="where the LTM reads")
-    for ax in (use, density):
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "sort.png"), dpi=100)
+        line, = ax.semilogx(S, [sum(acc[s]) / len(acc[s]) for s in S], "o-", base=2, label=kind)  # base 2: no minor ticks
+        ax.fill_between(S, [min(acc[s]) for s in S], [max(acc[s]) for s in S], color=line.get_color(), alpha=0.2)
+    ax.axhline(UNIFORM, color="gray", ls=":", label="uniform among those not given")
+    ax.set(xlabel="sequence length S", ylabel="test accuracy", ylim=(0, 1), title="sorting")
+    ax.set_xticks(lengths, [str(s) for s in lengths])
+    ax.legend(fontsize=8)
+    fig.savefig(os.path.join(out, "sort.png"), dpi=100, bbox_inches="tight")
     print(f"plot: {os.path.join(out, 'sort.png')}")
 
 
@@ -450,17 +406,14 @@ def plot(results, out):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--memory", nargs="+", choices=KINDS + ["xl-stm", "all"], default=["all"],
-                   help=f"memory kinds to train (default: all = {', '.join(KINDS)})")
+    p.add_argument("--memory", nargs="+", choices=KINDS + ["xl-stm", "all"], default=["all"], help="default: all")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="model and training setting (default: cpu)")
-    p.add_argument("--seq-len", type=int, nargs="+", help="sequence lengths S (preset: cpu 1024; sweep 128 512 2048; "
-                   "paper 4000 8000 16000)")
+    p.add_argument("--seq-len", type=int, nargs="+", help="S (preset: cpu 1024, sweep 128 512 2048, paper 4000–16000)")
     p.add_argument("--seed", "--seeds", type=int, nargs="+", default=[0], help="seeds, each its own run (default 0)")
     p.add_argument("--steps", type=int, help="training steps (preset: cpu 2000, sweep 1500, paper 20000)")
     p.add_argument("--batch-size", type=int, help="sequences per step and process (preset: cpu and sweep 16, paper 8)")
-    p.add_argument("--eval-size", type=int, help="held-out sequences in each of valid and test (default 512)")
-    p.add_argument("--dtype", choices=["float32", "bf16"], help="bf16: autocast, the method's math in float32 "
-                   "(default: bf16 on CUDA, float32 on CPU)")
+    p.add_argument("--eval-size", type=int, default=512, help="held-out sequences, valid and test each (default 512)")
+    p.add_argument("--dtype", choices=["float32", "bf16"], help="bf16: autocast, LTM math in float32 (default on CUDA)")
     p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--out", default="runs/sort", help="folder for results.json and sort.png (default runs/sort)")
@@ -470,11 +423,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.warmup, args.seg_len = min(args.warmup, args.steps), args.model["seg_len"]
     args.kinds = list(dict.fromkeys(k for m in args.memory for k in (KINDS if m == "all" else [m])))
-    for key in ("steps", "batch_size", "eval_size", "diag_every"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key.replace('_', '-')} must be at least 1")
-    if min(args.seq_len) < 1:
-        p.error("--seq-len must be at least 1")
+    for key, value in [("steps", args.steps), ("batch-size", args.batch_size), ("eval-size", args.eval_size),
+                       ("diag-every", args.diag_every), ("seq-len", min(args.seq_len))]:
+        if value < 1:
+            p.error(f"--{key} must be at least 1")
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available on this machine")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -489,11 +441,7 @@ def load_results(path):
         return []
     try:
         with open(path) as f:
-            results = json.load(f)
-        keys = {"memory", "seq_len", "seed", "test_accuracy", "config"}
-        if not isinstance(results, list) or not all(isinstance(r, dict) and keys <= set(r) for r in results):
-            raise ValueError("not a list of runs")
-        return results
+            return json.load(f)
     except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         print(f"train_sort.py: error: {path} is damaged ({e}); repair or move it, it was left as it is",
               file=sys.stderr)
@@ -503,10 +451,9 @@ def load_results(path):
 def main(argv=None):
     args = parse_args(argv)
     path = os.path.join(args.out, "results.json")
-    results = load_results(path)
+    finished = {(r["memory"], r["seq_len"], r["seed"]): r for r in load_results(path)}
     rank, world, args.device = init_distributed(args.device)
     os.makedirs(args.out, exist_ok=True)
-    finished = {(r["memory"], r["seq_len"], r["seed"]): r for r in results}
     test_sets = {}  # per S, for the summary's reference levels
     try:
         for seq_len, seed in itertools.product(args.seq_len, args.seed):
@@ -522,19 +469,13 @@ def main(argv=None):
                     continue
                 result = train(kind, seq_len, seed, args, valid_set, test_sets[seq_len], rank, world)
                 if rank == 0:  # after every run: an interruption loses at most the one running
-                    results = [r for r in results if (r["memory"], r["seq_len"], r["seed"]) != (kind, seq_len, seed)]
-                    results.append(result)
-                    save_json(results, path)
-    except KeyboardInterrupt:
-        if rank == 0:
-            print(f"\ninterrupted; finished runs are in {path}, and the same command continues", file=sys.stderr)
-        sys.exit(130)
+                    finished[kind, seq_len, seed] = result
+                    save_json(list(finished.values()), path)
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
     if rank == 0:
-        wanted = [r for r in results
-                  if r["seq_len"] in args.seq_len and r["seed"] in args.seed and r["memory"] in args.kinds]
+        wanted = [finished[key] for key in itertools.product(args.kinds, args.seq_len, args.seed) if key in finished]
         print(f"\nSorting, {args.steps} steps, batch {args.batch_size}×{world}, preset {args.preset}, "
               f"seeds {' '.join(map(str, args.seed))}, device {args.device}")
         print(summary(wanted, args, test_sets))
