@@ -471,6 +471,8 @@ def main(argv=None):
                 if rank == 0:  # after every run: an interruption loses at most the one running
                     finished[kind, seq_len, seed] = result
                     save_json(list(finished.values()), path)
+    except KeyboardInterrupt:  # a user's Ctrl-C, not a bug: one line, no traceback
+        sys.exit(f"\ninterrupted; finished runs are in {path}, and the same command continues")
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
