@@ -205,7 +205,7 @@ class UnboundedMemory(Float32Constants):
                 # each vector stands for as much of the timeline as a full segment's (over all of
                 # [0, 1] it outweighed later tokens up to 19 times), and the empty cells are fitted as
                 # zero vectors (left free, the wide basis functions carried the values far into them;
-                # README, "Sorting"): B = G_firstᵀ [0; X] = G_first[-L:]ᵀ X, no solve needed.
+                # README, "What we tried"): B = G_firstᵀ [0; X] = G_first[-L:]ᵀ X, no solve needed.
                 G = self.G_first[-L:] if L <= self.cfg.seg_len else self._first_matrix(L).to(x_new)
                 return G.T @ x_new  # B = Gᵀ X
             G = self.G_update if L == self.cfg.seg_len else self._update_matrix(L).to(x_new)
@@ -405,8 +405,8 @@ class InfFormer(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False) if cfg.lm_head else None
         self.apply(self._init_weights)  # no weight tying: on the sorting task a tied output layer
         # starts by predicting the symbol it was just fed, and learned far more slowly
-        for block in self.blocks:  # Z_LTM starts at zero: the model begins as Transformer-XL and
-            if block.read_ltm is not None:  # learns how much to read, instead of starting with the
+        for block in self.blocks:  # Z_LTM starts at zero: the model begins as Transformer-XL (with its
+            if block.read_ltm is not None:  # shared weights) and learns how much to read, not from the
                 nn.init.zeros_(block.read_ltm.proj.weight)  # full-size average of normalised memories
                 # σ² = softplus(w_σᵀ s + b) starts at SIGMA_INIT², not softplus(0) (σ ≈ 0.83, half of every
                 # density beyond [0, 1], where it reads the fit's fall to zero and μ barely matters).
@@ -536,7 +536,7 @@ class InfFormer(nn.Module):
 #   sorting model does), so the two memories never hold the same positions. They are stored
 #   layer-normalised, as the short-term attention saw them: the authors' post-LN
 #   Transformer-XL stores normalised inputs, while our pre-LN residual stream starts near
-#   0.02 per channel, too faint for the reads to be learned reliably (README, "Sorting").
+#   0.02 per channel, too faint for the reads to be learned reliably (README, "What the implementation chose").
 # - Sticky sampling draws a real uniform offset inside each histogram bin.
 # - A first write shorter than a segment covers only the last L/seg_len of [0, 1], not all of it;
 #   the rest is fitted as zero vectors. Likewise an update of L < seg_len vectors (the end of a
