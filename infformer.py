@@ -479,10 +479,10 @@ class InfFormer(nn.Module):
                 with torch.no_grad():  # normalised as the STM attention saw them; no graph needed
                     sticky = cfg.memory == "sticky" and mu is not None  # a first write samples nothing
                     s = sticky_positions(mu, var, cfg.sticky_bins, cfg.num_samples) if sticky else None
-                    ltm = self.write_ltm(ltm, block.ln1(evicted), s)
+                    x_ltm = block.ln1(evicted)
+                    ltm = self.write_ltm(ltm, x_ltm, s)
                     if first is not None:  # a reset stream's first write: B = G_firstᵀ [0; X], its old states zeroed
-                        fresh = self.write_ltm(ltm[:, :0], block.ln1(evicted) * keep)  # as into an empty LTM
-                        ltm = torch.where(first[:, None, None], fresh, ltm)
+                        ltm = torch.where(first[:, None, None], self.write_ltm(ltm[:, :0], x_ltm * keep), ltm)
             new.ltm.append(ltm)
         x = self.ln_f(x)
         out = self.head(x) if self.head is not None else x
