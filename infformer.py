@@ -9,8 +9,9 @@ Martins, Marinho & Martins, "∞-former: Infinite Memory Transformer", ACL 2022
   3. continuous attention     a Gaussian N(μ, σ²) over t ∈ [0, 1], read as Bᵀ E[ψ(t)]
   4. the unbounded memory     sample the old signal, squeeze it into [0, τ], refit
   5. sticky memories          sample the old signal where attention went
-  6. the model                Transformer-XL short-term memory + the long-term memory,
-                              with Transformer-XL and Compressive Transformer as baselines
+  6. Infini-attention         beyond the paper: a linear-attention memory, for comparison
+  7. the model                Transformer-XL short-term memory + a long-term memory; Transformer-XL
+                              and the Compressive Transformer as baselines
 
 Notation (Config's names and defaults in parentheses; the scripts' presets set their own):
   d       width of the residual stream and of every memory vector (d_model, 128)
@@ -40,13 +41,10 @@ import torch.nn.functional as F
 
 
 def basis_functions(num_basis, widths=(0.01, 0.05), dtype=torch.float32):
-    """Centres evenly spaced on [0, 1], each paired with every width: (centers, widths), each (N,).
-
-    The widths should scale with the spacing of the centres, 1 / (N / len(widths) - 1): the
-    default (0.01, 0.05), the authors', suits their N = 512 (spacing 0.004); with Config's
-    N = 64 (spacing 0.03) such narrow Gaussians leave gaps between centres, so Config uses
-    (0.04, 0.2), about 1.2 and 6 spacings.
-    """
+    """Centres evenly spaced on [0, 1], each paired with every width: (centers, widths), each (N,)."""
+    # The widths should scale with the centres' spacing 1 / (N / len(widths) - 1). The authors'
+    # (0.01, 0.05) suit their N = 512 (spacing 0.004); at Config's N = 64 (spacing 0.03) they would
+    # leave gaps between centres, so Config uses (0.04, 0.2), about 1.2 and 6 spacings.
     n_centers = num_basis // len(widths)
     grid = torch.linspace(0, 1, n_centers, dtype=dtype), torch.tensor(widths, dtype=dtype)
     centers, widths = torch.meshgrid(*grid, indexing="ij")
@@ -95,9 +93,8 @@ SIGMA_INIT = 0.25  # σ at initialisation: N(0.5, 0.25²) puts 95% of its mass i
 
 
 class Float32Constants(nn.Module):
-    """A module whose buffers are the method's constants (basis, ridge matrices, RoPE frequencies):
-    .half() or .to(torch.bfloat16) moves them but keeps them float32 (a bf16 ridge matrix alone puts
-    about 1% of error into every fit); .double() still upgrades them."""
+    """Buffers that are the method's constants (basis, ridge matrices, RoPE frequencies) stay float32 under
+    .half() or .bfloat16() (a bf16 ridge matrix puts about 1% of error into every fit); .double() upgrades them."""
 
     def _apply(self, fn, recurse=True):  # what .to(), .cuda(), .half(), ... call on every module
         kept = dict(self._buffers)
@@ -162,11 +159,8 @@ def gaussian_kl(var, sigma_0):
 class UnboundedMemory(Float32Constants):
     """Writes vectors into the long-term memory: B_new = Gᵀ [x_old(s_1..s_M); X_new].
 
-    Everything that depends only on the configuration is a buffer, computed once in float64.
-    Writes of exactly seg_len vectors (every write once the short-term memory is full) use
-    the buffers, and so does a short first write (a slice of G_first); an update of another
-    length (a stream's short last segment) solves its own.
-    """
+    What depends only on the configuration is a buffer, solved once in float64: a write of seg_len vectors
+    and a short first write (a slice of G_first) use them; an update of another length solves its own."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -221,12 +215,9 @@ class UnboundedMemory(Float32Constants):
 
 
 def sticky_positions(mu, var, num_bins, num_samples):
-    """M sorted positions in [0, 1] per batch element, drawn from the histogram of N(μ, σ²).
-
-    mu, var (bs, ...): every density of the last read. Bin b of [0, 1] gets the mass
-    Σ_heads,queries Φ((e_{b+1} − μ)/σ) − Φ((e_b − μ)/σ); a bin is drawn from the normalised
-    histogram, then a uniform offset inside it.
-    """
+    """M sorted positions in [0, 1] per stream, drawn from the histogram of the last read's densities
+    mu, var (bs, ...): bin b gets the mass Σ_heads,queries Φ((e_{b+1} − μ)/σ) − Φ((e_b − μ)/σ); a bin is
+    drawn from the normalised histogram, then a uniform offset inside it."""
     edges = torch.linspace(0, 1, num_bins + 1, device=mu.device, dtype=mu.dtype)
     z = (edges - mu.flatten(1).unsqueeze(-1)) / torch.sqrt(2 * var.flatten(1).unsqueeze(-1))
     cdf = 0.5 * (1 + torch.erf(z))  # Φ at every edge, for every density  (bs, H*T, D+1)
@@ -237,7 +228,56 @@ def sticky_positions(mu, var, num_bins, num_samples):
 
 
 # -----------------------------------------------------------------------------
-# 6. The model: a pre-LayerNorm Transformer-XL whose layers also read the long-term memory.
+# 6. Beyond the paper: Infini-attention (Munkhdalai, Faruqui & Gopal 2024, arXiv 2404.07143), the
+#    fixed-cost memory that is compared against today, as a fifth memory kind. Each head keeps a
+#    linear-attention matrix M (dh × dh; that paper's name, not section 4's M samples) and a normaliser
+#    z (dh), H × (dh² + dh) numbers per layer, written from the same evicted states as the ∞-former's
+#    memory, with σ = ELU + 1 (positive, so σ(Q) z > 0 once anything is stored):
+#      retrieval  A_mem = σ(Q) M / (σ(Q) z)
+#      update     M ← M + σ(K)ᵀ (V − σ(K) M / (σ(K) z)),  z ← z + Σ_t σ(K_t)   (the delta rule)
+#      gate       A = sigmoid(β) ⊙ A_mem + (1 − sigmoid(β)) ⊙ A_dot, one β per head
+#    Choices the paper leaves open: the queries are the short-term attention's (before RoPE: the
+#    memory has no positions), the keys and values the layer's own projections of the evicted
+#    states; β starts at 0 (an even mix); the delta rule is used; the memory is detached between
+#    segments, like every memory here (the paper backpropagates through it over a training sequence).
+
+
+def retrieve(sigma_q, mem):
+    """σ(Q) M / (σ(Q) z) for σ(Q) (bs, H, T, dh) and mem = [M z] (bs, H, dh, dh + 1); zeros if z = 0 (empty)."""
+    num_den = sigma_q @ mem  # z as M's extra column: one product gives [σ(Q) M, σ(Q) z]  (bs, H, T, dh + 1)
+    return num_den[..., :-1] / num_den[..., -1:].clamp_min(1e-6)  # σ > 0, so only z = 0 meets the floor
+
+
+class InfiniMemory(nn.Module):
+    """One layer's Infini-attention: the gate, the read and the write. The memory [M z] stays float32."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.beta = nn.Parameter(torch.zeros(cfg.n_heads, 1, 1))  # β per head
+
+    def forward(self, q, a_dot, mem):
+        """q, a_dot (bs, H, T, dh): the queries and the local attention's output per head. Returns A."""
+        with torch.autocast(q.device.type, enabled=False):
+            a_mem = retrieve(F.elu(q.float()) + 1, mem)  # A_mem = σ(Q) M / (σ(Q) z)
+            gate = torch.sigmoid(self.beta.float())
+            return (gate * a_mem + (1 - gate) * a_dot.float()).to(a_dot.dtype)
+
+    @torch.no_grad()
+    def write(self, mem, k, v, keep=None):
+        """k, v (bs, H, n, dh): the evicted states' keys and values; keep (bs, n, 1) or None: which of them
+        a stream saw since its last reset_memory (the others write nothing). Returns the new [M z]."""
+        with torch.autocast(k.device.type, enabled=False):
+            sigma_k = F.elu(k.float()) + 1 if keep is None else (F.elu(k.float()) + 1) * keep[:, None]
+            delta = v.float() - retrieve(sigma_k, mem)  # V − σ(K) M / (σ(K) z): what M does not yet recall
+            # A column of ones beside the values: σ(K)ᵀ [Δ 1] = [σ(K)ᵀ Δ, Σ_t σ(K_t)] updates M and z at once.
+            return mem + sigma_k.transpose(-2, -1) @ F.pad(delta, (0, 1), value=1.0)
+
+
+# -----------------------------------------------------------------------------
+# 7. The model: a pre-LayerNorm Transformer-XL whose layers also read the long-term memory.
+
+
+MEMORY_KINDS = ("xl", "compressive", "infinite", "sticky", "infini")  # infinite, sticky: the ∞-former
 
 
 @dataclass
@@ -250,7 +290,7 @@ class Config:
     dropout: float = 0.0
     seg_len: int = 128  # tokens per segment, the length of a long-term memory write
     mem_len: int = 128  # short-term memory: the last mem_len layer inputs (Transformer-XL)
-    memory: str = "infinite"  # "xl", "compressive", "infinite" or "sticky"
+    memory: str = "infinite"  # one of MEMORY_KINDS
     num_basis: int = 64  # N, basis functions of the long-term memory
     basis_widths: tuple = (0.04, 0.2)  # w_j, each paired with every centre; scale with the centres' spacing
     ridge: float = 1.0  # λ of the ridge regression
@@ -269,8 +309,7 @@ class Config:
                 raise ValueError(f"Config.{field} = {getattr(self, field)!r}: {why}")
 
         self.basis_widths = tuple(self.basis_widths)
-        check(self.memory in ("xl", "compressive", "infinite", "sticky"), "memory",
-              "must be 'xl', 'compressive', 'infinite' or 'sticky'")
+        check(self.memory in MEMORY_KINDS, "memory", f"must be one of {', '.join(MEMORY_KINDS)}")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "seg_len", "num_samples",
                      "sticky_bins", "cmem_len", "compress_rate"):
             check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be a positive integer")
@@ -278,12 +317,11 @@ class Config:
         check(self.d_model % self.n_heads == 0, "d_model", f"must be divisible by n_heads = {self.n_heads}")
         check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
         check(0 < self.tau < 1, "tau", "must be in (0, 1)")
-        check(len(self.basis_widths) >= 1 and all(w > 0 for w in self.basis_widths), "basis_widths",
-              "must be one or more positive widths")
+        check(len(self.basis_widths) >= 1 and min(self.basis_widths) > 0, "basis_widths", "must be positive widths")
         check(self.num_basis >= 2 and self.num_basis % len(self.basis_widths) == 0, "num_basis",
               f"must be >= 2 and a multiple of len(basis_widths) = {len(self.basis_widths)}")
-        check(self.ridge > 0, "ridge", "must be positive")
-        check(self.sigma_0 > 0, "sigma_0", "must be positive")
+        for name in ("ridge", "sigma_0"):
+            check(getattr(self, name) > 0, name, "must be positive")
         check(self.kl_weight >= 0, "kl_weight", "must be >= 0")
 
 
@@ -294,6 +332,7 @@ class Memory:
     stm: list  # (bs, m, d), m <= mem_len: the last layer inputs
     cmem: list  # (bs, c, d), c <= cmem_len: compressed evicted layer inputs ("compressive")
     ltm: list  # (bs, N, d): long-term memory coefficients B; (bs, 0, d) before the first write
+    # ("infini": [M z] (bs, H, dh, dh + 1) float32, zeros when empty)
     # (bs,) tokens seen since each stream's reset_memory (None before any: all valid): the visible memory
     # slots, the valid evicted states and whether its next LTM write is a first write follow from it.
     seen: torch.Tensor = None
@@ -324,12 +363,9 @@ def rotate(x, cos, sin):
 class Block(Float32Constants):
     """One layer: Z = Z_STM + Z_LTM, then the feed-forward network, both pre-LayerNorm residual.
 
-    Short-term attention sees [compressed memory; short-term memory; segment] under a causal
-    mask. Positions are RoPE over that window: it depends only on the distance between
-    query and key, so the memory's keys need no stored positions and segment-by-segment
-    processing equals processing at once (Transformer-XL's relative scheme has the same
-    property, with more machinery).
-    """
+    Short-term attention sees [compressed memory; short-term memory; segment] under a causal mask, with
+    RoPE over that window: it depends only on the distance between query and key, so the memory's keys
+    need no stored positions and segment-by-segment processing equals processing at once."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -339,6 +375,7 @@ class Block(Float32Constants):
         self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.read_ltm = ContinuousAttention(cfg) if cfg.memory in ("infinite", "sticky") else None
+        self.infini = InfiniMemory(cfg) if cfg.memory == "infini" else None
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model))
         self.drop = nn.Dropout(cfg.dropout)
@@ -346,10 +383,8 @@ class Block(Float32Constants):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, x, stm, cmem, ltm, n_visible=None):
-        """x (bs, T, d); stm (bs, m, d); cmem (bs, c, d); ltm (bs, N, d) or (bs, 0, d); n_visible (bs,) or None.
-
-        Returns the layer output (bs, T, d) and the LTM read's μ, σ² (bs, H, T), or None.
-        """
+        """x (bs, T, d); stm (bs, m, d); cmem (bs, c, d); ltm this layer's Memory.ltm; n_visible (bs,) or None.
+        Returns the layer output (bs, T, d) and the LTM read's μ, σ² (bs, H, T), or None."""
         bs, T, d = x.shape
         H, dh = self.n_heads, self.d_head
         h = self.ln1(torch.cat([cmem, stm, x], dim=1))  # the window  (bs, W, d)
@@ -364,6 +399,8 @@ class Block(Float32Constants):
             causal = causal & (torch.arange(W, device=x.device) >= W - T - n_visible[:, None])[:, None, None]
         z = F.scaled_dot_product_attention(rotate(q, cos[-T:], sin[-T:]), rotate(k, cos, sin), v,
                                            attn_mask=causal, dropout_p=self.dropout if self.training else 0.0)
+        if self.infini is not None:
+            z = self.infini(q, z, ltm)  # A = sigmoid(β) A_mem + (1 − sigmoid(β)) A_dot
         y = self.proj(z.transpose(1, 2).reshape(bs, T, d))  # Z_STM
         mu = var = None
         if self.read_ltm is not None and ltm.size(1) > 0:
@@ -375,23 +412,14 @@ class Block(Float32Constants):
 
 
 class InfFormer(nn.Module):
-    """The ∞-former, or its Transformer-XL / Compressive Transformer baselines (Config.memory).
+    """The ∞-former, or one of the baselines (Config.memory).
 
-    model(tokens, memory) -> (output, new_memory, kl):
-      tokens (bs, T) ids; memory from init_memory(bs) or the previous call (None: a fresh one);
-      output (bs, T, vocab_size) logits, or the final hidden states (bs, T, d_model) when
-      cfg.lm_head is False and the caller supplies its own output layer;
-      new_memory to pass to the next segment (detached);
-      kl the KL regulariser already weighted by cfg.kl_weight: add it to the loss (0 without LTM).
-
-    The memory holds one row per stream of the batch. init_memory resets all; reset_memory some (a new
-    document), on a segment boundary of segments of seg_len tokens, exactly as from init_memory. The
-    compressed memory is exact then if compress_rate divides seg_len and mem_len (else, until it has
-    turned over, a few new slots are hidden or pooled with zeros; no old one is ever shown).
-    When the LTM is first used: with seg_len = mem_len, segment 1 only fills the STM; segment 2
-    evicts segment 1's layer inputs, which are written to the LTM at the end of segment 2's
-    forward pass; segment 3 is the first to read the LTM. Sticky sampling draws from torch's
-    global RNG, in eval() too: seed it (torch.manual_seed) for reproducible evaluation.
+    model(tokens, memory) -> (output, new_memory, kl): tokens (bs, T) ids; memory from init_memory(bs) or
+    the previous call (None: a fresh one); output (bs, T, vocab_size) logits, or with cfg.lm_head False the
+    final hidden states (bs, T, d_model); new_memory (detached) for the next segment; kl the KL term, already
+    weighted by cfg.kl_weight, to add to the loss. With seg_len = mem_len, segment 1 fills the STM, segment
+    2's evicted inputs (segment 1's) are written to the LTM at its end, and segment 3 reads them first.
+    Sticky sampling draws from torch's global RNG, in eval() too: seed it for reproducible evaluation.
     """
 
     def __init__(self, cfg):
@@ -423,10 +451,12 @@ class InfFormer(nn.Module):
         """A fresh, empty memory for batch_size streams, on the model's device."""
         w = self.ln_f.weight  # the device and dtype of the model
         empty = lambda: [w.new_zeros(batch_size, 0, self.cfg.d_model) for _ in self.blocks]
-        return Memory(empty(), empty(), empty())
+        infini = [w.new_zeros(batch_size, b.n_heads, b.d_head, b.d_head + 1, dtype=torch.float32) for b in self.blocks]
+        return Memory(empty(), empty(), infini if self.cfg.memory == "infini" else empty())
 
     def reset_memory(self, memory, done):
-        """done (bs,) bool: the streams where it is True continue exactly as from init_memory, the others
+        """done (bs,) bool: the streams where it is True continue exactly as from init_memory (on a segment
+        boundary; the compressed memory is exact if compress_rate divides seg_len and mem_len), the others
         untouched. Their old slots stay, hidden by Memory.seen; their LTM reads zeros until its first write."""
         bs = memory.stm[0].size(0)
         if done.shape != (bs,) or done.dtype != torch.bool:
@@ -436,7 +466,8 @@ class InfFormer(nn.Module):
         done = done.to(memory.stm[0].device)
         full = self.cfg.mem_len + self.cfg.cmem_len * self.cfg.compress_rate  # a stream never reset: all valid
         seen = torch.where(done, 0, full if memory.seen is None else memory.seen)
-        return Memory(memory.stm, memory.cmem, [b.masked_fill(done[:, None, None], 0) for b in memory.ltm], seen)
+        ltm = [b.masked_fill(done.view(bs, *(1,) * (b.dim() - 1)), 0) for b in memory.ltm]
+        return Memory(memory.stm, memory.cmem, ltm, seen)
 
     def forward(self, tokens, memory=None, commit=True):
         """commit=False reads the memory but writes nothing: it returns `memory` itself and, for sticky,
@@ -447,8 +478,7 @@ class InfFormer(nn.Module):
             raise ValueError(f"the memory holds {memory.stm[0].size(0)} streams but tokens has {tokens.size(0)}: "
                              f"start a new batch size with model.init_memory({tokens.size(0)})")
         x = self.drop(self.tok_emb(tokens))  # (bs, T, d)
-        new = Memory([], [], [])
-        kl = x.new_zeros(())
+        new, kl = Memory([], [], []), x.new_zeros(())
         seen, T, n_visible, keep, first = memory.seen, tokens.size(1), None, None, None
         if seen is not None:  # since a per-stream reset: what each stream may use follows from its counts
             m, rate = memory.stm[0].size(1), cfg.compress_rate
@@ -475,6 +505,9 @@ class InfFormer(nn.Module):
             if cfg.memory == "compressive" and n_evict > 0:
                 cmem = compress(cmem, evicted, cfg)
             new.cmem.append(cmem)
+            if block.infini is not None and n_evict > 0:  # Infini-attention writes the same states, as keys and values
+                k, v = block.kv(block.ln1(evicted)).view(*evicted.shape[:2], 2, cfg.n_heads, -1).permute(2, 0, 3, 1, 4)
+                ltm = block.infini.write(ltm, k, v, keep)
             if self.write_ltm is not None and n_evict > 0:  # the evicted states go to the LTM,
                 with torch.no_grad():  # normalised as the STM attention saw them; no graph needed
                     sticky = cfg.memory == "sticky" and mu is not None  # a first write samples nothing
@@ -490,18 +523,15 @@ class InfFormer(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt, num_tokens, output=None, temperature=1.0, top_k=None, seed=0):
-        """Sample num_tokens tokens after prompt (bs, P >= 1) from a fresh memory; yields, one step at a
-        time, the sampled tokens (bs,) and their log-probabilities (bs,) under the model (before the
-        temperature and top-k). output maps the hidden states (bs, d) of a model with lm_head=False to
-        logits or log-probabilities (not needed with the model's own head). Call it in eval() mode.
-
-        The memory is written as in training and scoring: a token sees the committed memory and its own
-        segment's prefix (a forward with commit=False, which writes nothing and draws none of sticky's
-        random numbers), and a full segment gets the normal forward, whose memory is kept. Recomputing the
-        prefix instead of caching keys and values is simpler, exact, and bounds the cost per token by
-        seg_len × window, whatever the length of the text. Tokens are drawn from a generator of their own
-        (seed), so torch's global RNG feeds only sticky's writes, in the order that scoring draws them.
+        """Sample num_tokens tokens after prompt (bs, P >= 1) from a fresh memory, in eval() mode; yields the
+        sampled tokens (bs,) and their log-probabilities (bs,) before temperature and top-k. output maps the
+        hidden states (bs, d) of a model with lm_head=False to logits (not needed with the model's own head).
         """
+        # The memory is written as scoring writes it: a token sees the committed memory and its segment's
+        # prefix (commit=False: nothing written, none of sticky's random numbers drawn); a full segment gets
+        # the normal forward. Recomputing the prefix instead of caching keys and values is simpler, exact,
+        # and bounds the cost per token by seg_len × window. Tokens come from a generator of their own
+        # (seed), so torch's global RNG feeds only sticky's writes, in the order that scoring draws them.
         if prompt.size(1) < 1 or not temperature > 0 or (output is None and self.head is None):
             raise ValueError("generate needs a prompt of at least one token, a positive temperature, and "
                              "output= when the model has no head of its own (lm_head=False)")

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import infformer
-from infformer import (Config, ContinuousAttention, InfFormer, Memory, UnboundedMemory, basis_at, basis_functions,
-                       gaussian_expectation, gaussian_kl, midpoints, ridge_matrix, sticky_positions)
+from infformer import (Config, ContinuousAttention, InfFormer, InfiniMemory, Memory, UnboundedMemory, basis_at,
+                       basis_functions, gaussian_expectation, gaussian_kl, midpoints, ridge_matrix, sticky_positions)
 
-KINDS = ["xl", "compressive", "infinite", "sticky"]
+KINDS = list(infformer.MEMORY_KINDS)  # xl, compressive, infinite, sticky, infini
 
 
 # ----------------------------------------------------------------------------- 1. basis
@@ -283,7 +283,106 @@ def test_sticky_write_keeps_resolution_where_attention_went():
     assert err(sticky, warped) < 0.5 * err(uniform, cfg.tau * region)
 
 
-# ----------------------------------------------------------------------------- 6. the model
+# ----------------------------------------------------------------------------- 6. Infini-attention
+
+
+def elu1_64(x):
+    return np.where(x > 0, x + 1, np.exp(np.minimum(x, 0)))  # σ = ELU + 1, written out
+
+
+def infini_reference(q, a_dot, mem, k, v, beta):
+    """The gate, retrieval and delta-rule update, head by head in float64 numpy."""
+    bs, H, T, dh = q.shape
+    A, new = np.zeros((bs, H, T, dh)), np.zeros_like(mem)
+    for b in range(bs):
+        for h in range(H):
+            M, z = mem[b, h, :, :dh], mem[b, h, :, dh]
+            sq, sk = elu1_64(q[b, h]), elu1_64(k[b, h])
+            a_mem = (sq @ M) / (sq @ z)[:, None]  # σ(Q) M / (σ(Q) z)
+            g = 1 / (1 + np.exp(-beta[h]))
+            A[b, h] = g * a_mem + (1 - g) * a_dot[b, h]
+            new[b, h, :, :dh] = M + sk.T @ (v[b, h] - (sk @ M) / (sk @ z)[:, None])
+            new[b, h, :, dh] = z + sk.sum(0)
+    return A, new
+
+
+def test_infini_read_and_write_equal_a_per_head_float64_loop():
+    gen = torch.Generator().manual_seed(0)
+    bs, H, T, n, dh = 2, 3, 5, 7, 4
+    q, a_dot = torch.randn(bs, H, T, dh, generator=gen), torch.randn(bs, H, T, dh, generator=gen)
+    k, v = torch.randn(bs, H, n, dh, generator=gen), torch.randn(bs, H, n, dh, generator=gen)
+    mem = torch.cat([torch.randn(bs, H, dh, dh, generator=gen), torch.rand(bs, H, dh, 1, generator=gen) + 0.5], -1)
+    infini = InfiniMemory(Config(d_model=H * dh, n_heads=H))
+    with torch.no_grad():
+        infini.beta.copy_(torch.tensor([-1.0, 0.3, 2.0]).view(H, 1, 1))
+    A_ref, new_ref = infini_reference(*(t.double().numpy() for t in (q, a_dot, mem, k, v)), [-1.0, 0.3, 2.0])
+    np.testing.assert_allclose(infini(q, a_dot, mem).detach().numpy(), A_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(infini.write(mem, k, v).numpy(), new_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_infini_delta_rule_recalls_orthonormal_keys_exactly_and_stores_nothing_twice():
+    """Keys whose σ(K) are the unit vectors (σ(0) = 1, σ(−1e4) = 0): after two writes every value comes
+    back exactly; writing a pair the memory already recalls leaves M as it was (the plain update,
+    M + σ(K)ᵀV, would double it) while z still counts the key."""
+    dh = 4
+    keys = torch.where(torch.eye(dh, dtype=torch.bool), 0.0, -1e4).view(1, 1, dh, dh)  # σ(keys) = I
+    values = torch.randn(1, 1, dh, dh, generator=torch.Generator().manual_seed(0))
+    infini = InfiniMemory(Config(d_model=dh, n_heads=1))
+    mem = infini.write(torch.zeros(1, 1, dh, dh + 1), keys[:, :, :2], values[:, :, :2])
+    mem = infini.write(mem, keys[:, :, 2:], values[:, :, 2:])
+    recalled = infformer.retrieve(torch.eye(dh).view(1, 1, dh, dh), mem)
+    torch.testing.assert_close(recalled, values, rtol=0, atol=1e-6)
+    again = infini.write(mem, keys[:, :, :1], values[:, :, :1])
+    torch.testing.assert_close(again[..., :dh], mem[..., :dh], rtol=0, atol=1e-6)
+    assert again[0, 0, 0, dh].item() == pytest.approx(2.0)
+
+
+def test_infini_gate_at_its_limits_is_transformer_xl_or_the_memory_alone():
+    """β → −∞: the same outputs as Transformer-XL with the shared weights, over segments that fill and
+    read the memory. β → +∞: no local attention is left, so a query no longer sees the tokens
+    before it in its own segment (at β = 0 it does)."""
+    infini, xl = tiny("infini"), tiny("xl")
+    xl.load_state_dict({k: v for k, v in infini.state_dict().items() if ".infini." not in k})
+    tokens = torch.randint(0, 23, (2, 40))
+    for block in infini.blocks:
+        block.infini.beta.data.fill_(-60.0)
+    a, memory = run_segments(infini, tokens)
+    assert memory.ltm[0][..., -1].sum() > 0  # the memory was written (z > 0) and read
+    for x, y in zip(a, run_segments(xl, tokens)[0]):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+    changed = tokens.clone()
+    changed[:, 34] = (changed[:, 34] + 1) % 23  # segment 4, position 2
+    for beta, sees_it in ((60.0, False), (0.0, True)):
+        for block in infini.blocks:
+            block.infini.beta.data.fill_(beta)
+        diff = (run_segments(infini, tokens)[0][4] - run_segments(infini, changed)[0][4])[:, 3:].abs().amax()
+        assert (diff > 1e-4) == sees_it
+
+
+def test_infini_memory_stays_float32_in_a_bfloat16_model():
+    """Under model.bfloat16() the [M z] update runs in float32: recomputed in float64 from the bf16 keys
+    and values the write received, it agrees to float32 precision (bf16 arithmetic: about 1e-2)."""
+    model = tiny("infini").bfloat16()
+    writes = []
+    write = InfiniMemory.write
+    def recording(self, mem, k, v, keep=None):
+        new = write(self, mem, k, v, keep)
+        writes.append((mem, k, v, new))
+        return new
+    InfiniMemory.write = recording
+    try:
+        _, memory = run_segments(model, torch.randint(0, 23, (2, 40)))
+    finally:
+        InfiniMemory.write = write
+    assert memory.ltm[0].dtype == torch.float32 and len(writes) == 2 * 4
+    mem, k, v, new = writes[-1]
+    assert k.dtype == torch.bfloat16
+    q = torch.zeros(*k.shape[:2], 1, k.size(-1))  # the read is not checked here
+    _, new_ref = infini_reference(*(t.double().numpy() for t in (q, q, mem, k, v)), [0.0] * k.size(1))
+    np.testing.assert_allclose(new.numpy(), new_ref, rtol=1e-5, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- 7. the model
 
 
 def tiny(memory, **kw):
@@ -443,7 +542,8 @@ def test_memory_state_is_bounded_detached_and_the_ltm_is_n_by_d():
         for stm, cmem, ltm in zip(memory.stm, memory.cmem, memory.ltm):
             assert stm.shape == (2, 8, 32) and not stm.requires_grad
             assert cmem.shape == ((2, 8, 32) if kind == "compressive" else (2, 0, 32)) and not cmem.requires_grad
-            assert ltm.shape == ((2, 16, 32) if kind in ("infinite", "sticky") else (2, 0, 32))
+            shape = {"infinite": (2, 16, 32), "sticky": (2, 16, 32), "infini": (2, 4, 8, 9)}.get(kind, (2, 0, 32))
+            assert ltm.shape == shape
             assert not ltm.requires_grad
 
 
@@ -477,11 +577,14 @@ def test_the_ltm_holds_the_ridge_fit_of_the_normalised_evicted_inputs():
     np.testing.assert_allclose(memory.ltm[0].numpy(), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ["xl", "compressive", "infinite", "sticky"])
 def test_long_range_memories_learn_what_xl_cannot_reach(kind):
     """Four sequences differ only in segment 0; segment 3 must name which one it is. Segment 0 is
     beyond Transformer-XL's reach (n_layers = 2 segments), so XL stays at the prior, ln 4; the
-    compressed memory and the LTM (its read learned from a zero start) still hold it."""
+    compressed memory and the LTM (its read learned from a zero start) still hold it. (Infini-attention
+    stores keys and values already projected, and no gradient crosses a segment, so from initial
+    weights its memory holds near-equal averages here and it stays at ln 4 too: its reach is
+    test_memory_reach's.)"""
     model = tiny(kind).train()
     gen = torch.Generator().manual_seed(1)
     tokens = torch.cat([torch.randint(0, 23, (4, 8), generator=gen),

@@ -15,7 +15,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from infformer import Config, InfFormer  # noqa: E402
+from infformer import MEMORY_KINDS, Config, InfFormer  # noqa: E402
 
 
 def make(kind):
@@ -55,7 +55,7 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    kinds = ["xl", "compressive", "infinite", "sticky"]
+    kinds = list(MEMORY_KINDS)
     medians = {k: [] for k in kinds}
     for r in range(args.rounds):  # interleave kinds so that machine noise hits all of them alike
         for k in kinds:
