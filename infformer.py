@@ -13,10 +13,11 @@ Martins, Marinho & Martins, "∞-former: Infinite Memory Transformer", ACL 2022
   7. the model                Transformer-XL short-term memory + a long-term memory; Transformer-XL
                               and the Compressive Transformer as baselines
 
-Notation (Config's names and defaults in parentheses; the scripts' presets set their own):
+Notation (Config's names and defaults in parentheses):
   d       width of the residual stream and of every memory vector (d_model, 128)
   H, dh   heads (n_heads, 4) and their width d / H
-  T, L    tokens in a segment (seg_len, 128); L also: vectors in one write to the long-term memory
+  T, L    tokens in a segment (seg_len, 128; forward takes any T, seg_len sizes the precomputed fits);
+          L also: vectors in one write to the long-term memory, X (L × d) those vectors
   m       short-term memory: the last layer inputs kept (mem_len, 128)
   N       basis functions ψ_j of the long-term memory (num_basis, 64); c_j, w_j their centres, widths
   B       the long-term memory: N × d coefficients per layer, x(t) ≈ Bᵀψ(t) for t ∈ [0, 1]
@@ -25,6 +26,7 @@ Notation (Config's names and defaults in parentheses; the scripts' presets set t
   M       samples of the old signal per write (num_samples, 64)
   D       histogram bins of sticky memories (sticky_bins, 128)
   μ, σ²   a query's Gaussian density over [0, 1]; σ₀ that of the KL regulariser (sigma_0, 0.05)
+  W       the short-term attention's window, c + m + T (c: compressed slots); Z_STM, Z_LTM its two outputs
   bs      the batch size (streams), in shape comments
 Where this file departs from the paper or the authors' code is listed at its end.
 """
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 #    N Gaussian densities ψ_j(t) = N(t; c_j, w_j²) as basis functions.
 
 
-def basis_functions(num_basis, widths=(0.01, 0.05), dtype=torch.float32):
+def basis_functions(num_basis, widths, dtype=torch.float32):
     """Centres evenly spaced on [0, 1], each paired with every width: (centers, widths), each (N,)."""
     # The widths should scale with the centres' spacing 1 / (N / len(widths) - 1). The authors'
     # (0.01, 0.05) suit their N = 512 (spacing 0.004); at Config's N = 64 (spacing 0.03) they would
@@ -88,7 +90,7 @@ def gaussian_expectation(mu, var, centers, widths):
     return torch.exp(-0.5 * (mu.unsqueeze(-1) - centers) ** 2 * precision) * torch.sqrt(precision / (2 * math.pi))
 
 
-VAR_MIN = 1e-4  # σ² floor: softplus can reach 0, and a zero-width Gaussian has an infinite KL and density
+VAR_MIN = 1e-4  # σ² floor: softplus underflows to 0, and a zero-width Gaussian has an infinite KL and density
 SIGMA_INIT = 0.25  # σ at initialisation: N(0.5, 0.25²) puts 95% of its mass inside the memory's [0, 1]
 
 
@@ -100,9 +102,8 @@ class Float32Constants(nn.Module):
         kept = dict(self._buffers)
         super()._apply(fn, recurse)
         for name, old in kept.items():
-            new = self._buffers[name]
-            if torch.finfo(new.dtype).bits < 32:
-                self._buffers[name] = old.to(new.device)
+            if torch.finfo(self._buffers[name].dtype).bits < 32:
+                self._buffers[name] = old.to(self._buffers[name].device)
         return self
 
 
@@ -129,11 +130,11 @@ class ContinuousAttention(Float32Constants):
             # w_σᵀ s, which are linear: w_μᵀ K q = (Kᵀ w_μ)ᵀ q, and Kᵀ w_μ = W_Kᵀ Bᵀ w_μ. Folding
             # w_μ, w_σ into the coefficients first gives the same numbers without forming K or
             # the (T × N) score matrix.
-            folded = self.w_mu_var.weight.to(dtype) @ coeffs  # [w_μ; w_σ]ᵀ B   (bs, 2, d)
+            folded = self.w_mu_var.weight.to(dtype) @ coeffs  # [w_μ w_σ]ᵀ B   (bs, 2, d)
             k_mu_var = F.linear(folded, self.k.weight.to(dtype)).view(bs, 2, H, dh).transpose(1, 2)  # (bs, H, 2, dh)
             logits = q @ k_mu_var.transpose(-2, -1) / math.sqrt(dh) + self.w_mu_var.bias.to(dtype)  # (bs, H, T, 2)
-            mu = torch.sigmoid(logits[..., 0])  # μ = sigmoid(w_μᵀ s)   (bs, H, T)
-            var = F.softplus(logits[..., 1]).clamp_min(VAR_MIN)  # σ² = softplus(w_σᵀ s)
+            mu = torch.sigmoid(logits[..., 0])  # μ = sigmoid(w_μᵀ s + b_μ)   (bs, H, T)
+            var = F.softplus(logits[..., 1]).clamp_min(VAR_MIN)  # σ² = softplus(w_σᵀ s + b_σ)
             r = gaussian_expectation(mu, var, self.centers, self.widths)  # E_p[ψ]  (bs, H, T, N)
         # The value read and the output projection are ordinary linear maps: they run in the
         # model's dtype (bf16 under autocast), like the short-term attention's.
@@ -143,14 +144,14 @@ class ContinuousAttention(Float32Constants):
 
 
 def gaussian_kl(var, sigma_0):
-    """KL(N(μ, σ²) ‖ N(μ, σ₀²)) = ½ (σ²/σ₀² − log(σ²/σ₀²) − 1): keeps the densities from collapsing."""
+    """KL(N(μ, σ²) ‖ N(μ, σ₀²)) = ½ (σ²/σ₀² − log(σ²/σ₀²) − 1): pulls σ towards σ₀, from both sides."""
     ratio = var / sigma_0**2
     return 0.5 * (ratio - torch.log(ratio) - 1)
 
 
 # -----------------------------------------------------------------------------
-# 4. The unbounded memory. The first write fits the L new vectors across [0, 1] (a shorter
-#    one, its share of it). Later writes sample the old signal at M positions, place those
+# 4. The unbounded memory. The first write fits the L new vectors across [0, 1] (L < seg_len vectors:
+#    only the last L/seg_len of it). Later writes sample the old signal at M positions, place those
 #    M values at τ·i/M ∈ (0, τ], place the L new vectors in (τ, 1] and fit all M + L points:
 #    the memory covers an ever longer past at the fixed cost of N×d numbers, the oldest part
 #    at the lowest resolution.
@@ -160,12 +161,12 @@ class UnboundedMemory(Float32Constants):
     """Writes vectors into the long-term memory: B_new = Gᵀ [x_old(s_1..s_M); X_new].
 
     What depends only on the configuration is a buffer, solved once in float64: a write of seg_len vectors
-    and a short first write (a slice of G_first) use them; an update of another length solves its own."""
+    and a short first write (a slice of G_first) use them; any other write solves its own."""
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.basis64 = basis_functions(cfg.num_basis, cfg.basis_widths, torch.float64)  # for the solves
+        self.basis64 = basis_functions(cfg.num_basis, cfg.basis_widths, torch.float64)  # not a buffer: stays float64
         self.register_buffer("centers", self.basis64[0].float(), persistent=False)
         self.register_buffer("widths", self.basis64[1].float(), persistent=False)
         self.register_buffer("G_first", self._first_matrix(cfg.seg_len).float(), persistent=False)  # (L, N)
@@ -195,11 +196,10 @@ class UnboundedMemory(Float32Constants):
         with torch.autocast(x_new.device.type, enabled=False):  # float32 (or better) even under autocast
             x_new, coeffs = x_new.to(self.G_first.dtype), coeffs.to(self.G_first.dtype)
             if coeffs.size(1) == 0:  # first write after a reset
-                # A shorter one (sorting's first chunk) takes only the last L of the seg_len cells, so
-                # each vector stands for as much of the timeline as a full segment's (over all of
-                # [0, 1] it outweighed later tokens up to 19 times), and the empty cells are fitted as
-                # zero vectors (left free, the wide basis functions carried the values far into them;
-                # README, "What we tried"): B = G_firstᵀ [0; X] = G_first[-L:]ᵀ X, no solve needed.
+                # One of L < seg_len vectors takes only the last L of the seg_len cells, so each vector
+                # covers a full segment's share (spread over all of [0, 1], a short first chunk would
+                # outweigh every later token), and the empty cells are fitted as zero vectors (left free,
+                # the wide basis functions spread the values into them): B = G_firstᵀ [0; X] = G_first[-L:]ᵀ X.
                 G = self.G_first[-L:] if L <= self.cfg.seg_len else self._first_matrix(L).to(x_new)
                 return G.T @ x_new  # B = Gᵀ X
             G = self.G_update if L == self.cfg.seg_len else self._update_matrix(L).to(x_new)
@@ -228,13 +228,13 @@ def sticky_positions(mu, var, num_bins, num_samples):
 
 
 # -----------------------------------------------------------------------------
-# 6. Beyond the paper: Infini-attention (Munkhdalai, Faruqui & Gopal 2024, arXiv 2404.07143), the
-#    fixed-cost memory that is compared against today, as a fifth memory kind. Each head keeps a
-#    linear-attention matrix M (dh × dh; that paper's name, not section 4's M samples) and a normaliser
-#    z (dh), H × (dh² + dh) numbers per layer, written from the same evicted states as the ∞-former's
-#    memory, with σ = ELU + 1 (positive, so σ(Q) z > 0 once anything is stored):
-#      retrieval  A_mem = σ(Q) M / (σ(Q) z)
-#      update     M ← M + σ(K)ᵀ (V − σ(K) M / (σ(K) z)),  z ← z + Σ_t σ(K_t)   (the delta rule)
+# 6. Beyond the paper: Infini-attention (Munkhdalai, Faruqui & Gopal 2024, arXiv 2404.07143), a recent
+#    fixed-cost memory, included as a fifth memory kind. Each head keeps a linear-attention matrix M
+#    (dh × dh; that paper's name, not section 4's M samples) and a normaliser z (dh), H × (dh² + dh)
+#    numbers per layer, written from the same evicted states as the ∞-former's memory, with the feature
+#    map φ = ELU + 1 (positive, so φ(Q) z > 0 once anything is stored):
+#      retrieval  A_mem = φ(Q) M / (φ(Q) z)
+#      update     M ← M + φ(K)ᵀ (V − φ(K) M / (φ(K) z)),  z ← z + Σ_t φ(K_t)   (the delta rule)
 #      gate       A = sigmoid(β) ⊙ A_mem + (1 − sigmoid(β)) ⊙ A_dot, one β per head
 #    Choices the paper leaves open: the queries are the short-term attention's (before RoPE: the
 #    memory has no positions), the keys and values the layer's own projections of the evicted
@@ -242,10 +242,10 @@ def sticky_positions(mu, var, num_bins, num_samples):
 #    segments, like every memory here (the paper backpropagates through it over a training sequence).
 
 
-def retrieve(sigma_q, mem):
-    """σ(Q) M / (σ(Q) z) for σ(Q) (bs, H, T, dh) and mem = [M z] (bs, H, dh, dh + 1); zeros if z = 0 (empty)."""
-    num_den = sigma_q @ mem  # z as M's extra column: one product gives [σ(Q) M, σ(Q) z]  (bs, H, T, dh + 1)
-    return num_den[..., :-1] / num_den[..., -1:].clamp_min(1e-6)  # σ > 0, so only z = 0 meets the floor
+def retrieve(phi_q, mem):
+    """φ(Q) M / (φ(Q) z) for φ(Q) (bs, H, T, dh) and mem = [M z] (bs, H, dh, dh + 1); zeros if z = 0 (empty)."""
+    num_den = phi_q @ mem.float()  # z as M's extra column: one product gives [φ(Q) M, φ(Q) z]  (bs, H, T, dh + 1)
+    return num_den[..., :-1] / num_den[..., -1:].clamp_min(1e-6)  # the floor meets z = 0 and keys masked to 0
 
 
 class InfiniMemory(nn.Module):
@@ -256,9 +256,9 @@ class InfiniMemory(nn.Module):
         self.beta = nn.Parameter(torch.zeros(cfg.n_heads, 1, 1))  # β per head
 
     def forward(self, q, a_dot, mem):
-        """q, a_dot (bs, H, T, dh): the queries and the local attention's output per head. Returns A."""
+        """q, a_dot (bs, H, T, dh): the queries and the local attention's output per head; mem [M z]. Returns A."""
         with torch.autocast(q.device.type, enabled=False):
-            a_mem = retrieve(F.elu(q.float()) + 1, mem)  # A_mem = σ(Q) M / (σ(Q) z)
+            a_mem = retrieve(F.elu(q.float()) + 1, mem)  # A_mem = φ(Q) M / (φ(Q) z)
             gate = torch.sigmoid(self.beta.float())
             return (gate * a_mem + (1 - gate) * a_dot.float()).to(a_dot.dtype)
 
@@ -267,10 +267,10 @@ class InfiniMemory(nn.Module):
         """k, v (bs, H, n, dh): the evicted states' keys and values; keep (bs, n, 1) or None: which of them
         a stream saw since its last reset_memory (the others write nothing). Returns the new [M z]."""
         with torch.autocast(k.device.type, enabled=False):
-            sigma_k = F.elu(k.float()) + 1 if keep is None else (F.elu(k.float()) + 1) * keep[:, None]
-            delta = v.float() - retrieve(sigma_k, mem)  # V − σ(K) M / (σ(K) z): what M does not yet recall
-            # A column of ones beside the values: σ(K)ᵀ [Δ 1] = [σ(K)ᵀ Δ, Σ_t σ(K_t)] updates M and z at once.
-            return mem + sigma_k.transpose(-2, -1) @ F.pad(delta, (0, 1), value=1.0)
+            phi_k = F.elu(k.float()) + 1 if keep is None else (F.elu(k.float()) + 1) * keep[:, None]
+            delta = v.float() - retrieve(phi_k, mem)  # V − φ(K) M / (φ(K) z): what M does not yet recall
+            # A column of ones beside the values: φ(K)ᵀ [Δ 1] = [φ(K)ᵀ Δ, Σ_t φ(K_t)] updates M and z at once.
+            return mem.float() + phi_k.transpose(-2, -1) @ F.pad(delta, (0, 1), value=1.0)
 
 
 # -----------------------------------------------------------------------------
@@ -331,10 +331,11 @@ class Memory:
 
     stm: list  # (bs, m, d), m <= mem_len: the last layer inputs
     cmem: list  # (bs, c, d), c <= cmem_len: compressed evicted layer inputs ("compressive")
-    ltm: list  # (bs, N, d): long-term memory coefficients B; (bs, 0, d) before the first write
-    # ("infini": [M z] (bs, H, dh, dh + 1) float32, zeros when empty)
-    # (bs,) tokens seen since each stream's reset_memory (None before any: all valid): the visible memory
-    # slots, the valid evicted states and whether its next LTM write is a first write follow from it.
+    ltm: list  # (bs, N, d): long-term memory coefficients B, float32; (bs, 0, d) before the first write
+    # and for xl, compressive ("infini": [M z] (bs, H, dh, dh + 1), float32, zeros when empty)
+    # (bs,) tokens seen since each stream's reset_memory (None before any; a stream never reset gets
+    # mem_len + cmem_len·compress_rate, all valid): its visible memory slots, its valid evicted states and
+    # whether its next LTM write is a first write follow from it.
     seen: torch.Tensor = None
 
     def to(self, *args, **kwargs):
@@ -361,11 +362,10 @@ def rotate(x, cos, sin):
 
 
 class Block(Float32Constants):
-    """One layer: Z = Z_STM + Z_LTM, then the feed-forward network, both pre-LayerNorm residual.
-
-    Short-term attention sees [compressed memory; short-term memory; segment] under a causal mask, with
-    RoPE over that window: it depends only on the distance between query and key, so the memory's keys
-    need no stored positions and segment-by-segment processing equals processing at once."""
+    """One layer: Z = Z_STM + Z_LTM (infini: the gated mix inside Z_STM), then the feed-forward network, both
+    pre-LayerNorm residual. Short-term attention sees [compressed memory; short-term memory; segment] under a
+    causal mask, with RoPE over that window: it depends only on the distance between query and key, so the
+    memory's keys need no stored positions and re-indexing the window from 0 in every segment changes none."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -391,17 +391,17 @@ class Block(Float32Constants):
         W = h.size(1)
         q = self.q(h[:, -T:]).view(bs, T, H, dh).transpose(1, 2)  # (bs, H, T, dh)
         k, v = self.kv(h).view(bs, W, 2, H, dh).permute(2, 0, 3, 1, 4)  # each (bs, H, W, dh)
-        angles = torch.outer(torch.arange(W, device=x.device, dtype=self.inv_freq.dtype), self.inv_freq)  # (W, dh/2)
+        angles = torch.outer(torch.arange(W, device=x.device, dtype=self.inv_freq.dtype), self.inv_freq)  # (W, dh // 2)
         cos, sin = angles.cos(), angles.sin()
         causal = torch.ones(T, W, dtype=torch.bool, device=x.device).tril(W - T)  # query i sees keys <= W-T+i
         if n_visible is not None:  # after a reset_memory, stream b sees only the window's last n_visible[b] + T
             # slots (None: all), those of a fresh run's window, so RoPE gives the same distances  (bs, 1, T, W)
             causal = causal & (torch.arange(W, device=x.device) >= W - T - n_visible[:, None])[:, None, None]
-        z = F.scaled_dot_product_attention(rotate(q, cos[-T:], sin[-T:]), rotate(k, cos, sin), v,
+        a = F.scaled_dot_product_attention(rotate(q, cos[-T:], sin[-T:]), rotate(k, cos, sin), v,
                                            attn_mask=causal, dropout_p=self.dropout if self.training else 0.0)
         if self.infini is not None:
-            z = self.infini(q, z, ltm)  # A = sigmoid(β) A_mem + (1 − sigmoid(β)) A_dot
-        y = self.proj(z.transpose(1, 2).reshape(bs, T, d))  # Z_STM
+            a = self.infini(q, a, ltm)  # A = sigmoid(β) A_mem + (1 − sigmoid(β)) A_dot
+        y = self.proj(a.transpose(1, 2).reshape(bs, T, d))  # Z_STM
         mu = var = None
         if self.read_ltm is not None and ltm.size(1) > 0:
             z_ltm, mu, var = self.read_ltm(q, ltm)  # the LTM has no positions: position is t
@@ -419,8 +419,7 @@ class InfFormer(nn.Module):
     final hidden states (bs, T, d_model); new_memory (detached) for the next segment; kl the KL term, already
     weighted by cfg.kl_weight, to add to the loss. With seg_len = mem_len, segment 1 fills the STM, segment
     2's evicted inputs (segment 1's) are written to the LTM at its end, and segment 3 reads them first.
-    Sticky sampling draws from torch's global RNG, in eval() too: seed it for reproducible evaluation.
-    """
+    Sticky sampling draws from torch's global RNG, in eval() too: seed it for reproducible evaluation."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -431,11 +430,12 @@ class InfFormer(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.write_ltm = UnboundedMemory(cfg) if cfg.memory in ("infinite", "sticky") else None
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False) if cfg.lm_head else None
-        self.apply(self._init_weights)  # no weight tying: on the sorting task a tied output layer
-        # starts by predicting the symbol it was just fed, and learned far more slowly
-        for block in self.blocks:  # Z_LTM starts at zero: the model begins as Transformer-XL (with its
-            if block.read_ltm is not None:  # shared weights) and learns how much to read, not from the
-                nn.init.zeros_(block.read_ltm.proj.weight)  # full-size average of normalised memories
+        self.apply(self._init_weights)  # no weight tying (a tied output layer starts by predicting its input)
+        # Z_LTM starts at zero: the untrained model is Transformer-XL (with its shared weights) and learns how
+        # much to read, instead of starting by adding a full-size average of the memory.
+        for block in self.blocks:
+            if block.read_ltm is not None:
+                nn.init.zeros_(block.read_ltm.proj.weight)
                 # σ² = softplus(w_σᵀ s + b) starts at SIGMA_INIT², not softplus(0) (σ ≈ 0.83, half of every
                 # density beyond [0, 1], where it reads the fit's fall to zero and μ barely matters).
                 nn.init.constant_(block.read_ltm.w_mu_var.bias[1:], math.log(math.expm1(SIGMA_INIT**2)))
@@ -466,7 +466,7 @@ class InfFormer(nn.Module):
         done = done.to(memory.stm[0].device)
         full = self.cfg.mem_len + self.cfg.cmem_len * self.cfg.compress_rate  # a stream never reset: all valid
         seen = torch.where(done, 0, full if memory.seen is None else memory.seen)
-        ltm = [b.masked_fill(done.view(bs, *(1,) * (b.dim() - 1)), 0) for b in memory.ltm]
+        ltm = [t.masked_fill(done.view(bs, *(1,) * (t.dim() - 1)), 0) for t in memory.ltm]
         return Memory(memory.stm, memory.cmem, ltm, seen)
 
     def forward(self, tokens, memory=None, commit=True):
@@ -480,17 +480,17 @@ class InfFormer(nn.Module):
         x = self.drop(self.tok_emb(tokens))  # (bs, T, d)
         new, kl = Memory([], [], []), x.new_zeros(())
         seen, T, n_visible, keep, first = memory.seen, tokens.size(1), None, None, None
+        n_evict = max(0, memory.stm[0].size(1) + T - cfg.mem_len)  # layer inputs that leave the STM in this segment
         if seen is not None:  # since a per-stream reset: what each stream may use follows from its counts
             m, rate = memory.stm[0].size(1), cfg.compress_rate
-            n_pooled = ((seen - cfg.mem_len).clamp(min=0) + rate - 1) // rate  # slots of the evicted states since
+            n_pooled = ((seen - cfg.mem_len).clamp(min=0) + rate - 1) // rate  # cmem slots filled since the reset
             n_visible = seen.clamp(max=m) + n_pooled.clamp(max=memory.cmem[0].size(1))  # a suffix of [cmem; stm]
-            n_evict = max(0, m + T - cfg.mem_len)
             n_valid = (seen + T - cfg.mem_len).clamp(0, n_evict)  # evicted states seen since the reset: the last ones
             keep = (torch.arange(n_evict, device=x.device) >= n_evict - n_valid[:, None])[..., None]  # (bs, n_evict, 1)
             first = seen <= cfg.mem_len  # its LTM (zeros) holds nothing since the reset: its next write is a first
             new.seen = seen + T
         for block, stm, cmem, ltm in zip(self.blocks, memory.stm, memory.cmem, memory.ltm):
-            x_in = x.detach()
+            x_in = x.detach()  # the STM keeps detached layer inputs: no gradient crosses segments
             x, mu, var = block(x, stm, cmem, ltm, n_visible)
             if var is not None:
                 kl_read = gaussian_kl(var, cfg.sigma_0)  # (bs, H, T); none for a stream whose LTM is empty (reset)
@@ -499,23 +499,23 @@ class InfFormer(nn.Module):
                 continue
             # Short-term memory: keep the last mem_len layer inputs; older ones are evicted.
             window = torch.cat([stm, x_in], dim=1)  # (bs, m+T, d)
-            n_evict = max(0, window.size(1) - cfg.mem_len)
             evicted = window[:, :n_evict] if keep is None else window[:, :n_evict] * keep  # pre-reset ones: zeros
             new.stm.append(window[:, n_evict:])
             if cfg.memory == "compressive" and n_evict > 0:
                 cmem = compress(cmem, evicted, cfg)
             new.cmem.append(cmem)
-            if block.infini is not None and n_evict > 0:  # Infini-attention writes the same states, as keys and values
-                k, v = block.kv(block.ln1(evicted)).view(*evicted.shape[:2], 2, cfg.n_heads, -1).permute(2, 0, 3, 1, 4)
-                ltm = block.infini.write(ltm, k, v, keep)
-            if self.write_ltm is not None and n_evict > 0:  # the evicted states go to the LTM,
-                with torch.no_grad():  # normalised as the STM attention saw them; no graph needed
-                    sticky = cfg.memory == "sticky" and mu is not None  # a first write samples nothing
-                    s = sticky_positions(mu, var, cfg.sticky_bins, cfg.num_samples) if sticky else None
+            if n_evict > 0 and cfg.memory in ("infinite", "sticky", "infini"):  # the evicted states go to the
+                with torch.no_grad():  # long-term memory, normalised as the STM attention saw them; no graph needed
                     x_ltm = block.ln1(evicted)
-                    ltm = self.write_ltm(ltm, x_ltm, s)
-                    if first is not None:  # a reset stream's first write: B = G_firstᵀ [0; X], its old states zeroed
-                        ltm = torch.where(first[:, None, None], self.write_ltm(ltm[:, :0], x_ltm * keep), ltm)
+                    if cfg.memory == "infini":  # as this layer's keys and values
+                        k, v = block.kv(x_ltm).view(*x_ltm.shape[:2], 2, cfg.n_heads, -1).permute(2, 0, 3, 1, 4)
+                        ltm = block.infini.write(ltm, k, v, keep)
+                    else:
+                        sticky = cfg.memory == "sticky" and mu is not None  # a first write samples nothing
+                        positions = sticky_positions(mu, var, cfg.sticky_bins, cfg.num_samples) if sticky else None
+                        ltm = self.write_ltm(ltm, x_ltm, positions)
+                        if first is not None:  # a reset stream's first write: B = G_firstᵀ [0; X], old states zeroed
+                            ltm = torch.where(first[:, None, None], self.write_ltm(ltm[:, :0], x_ltm * keep), ltm)
             new.ltm.append(ltm)
         x = self.ln_f(x)
         out = self.head(x) if self.head is not None else x
@@ -523,15 +523,15 @@ class InfFormer(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt, num_tokens, output=None, temperature=1.0, top_k=None, seed=0):
-        """Sample num_tokens tokens after prompt (bs, P >= 1) from a fresh memory, in eval() mode; yields the
-        sampled tokens (bs,) and their log-probabilities (bs,) before temperature and top-k. output maps the
-        hidden states (bs, d) of a model with lm_head=False to logits (not needed with the model's own head).
-        """
-        # The memory is written as scoring writes it: a token sees the committed memory and its segment's
-        # prefix (commit=False: nothing written, none of sticky's random numbers drawn); a full segment gets
-        # the normal forward. Recomputing the prefix instead of caching keys and values is simpler, exact,
-        # and bounds the cost per token by seg_len × window. Tokens come from a generator of their own
-        # (seed), so torch's global RNG feeds only sticky's writes, in the order that scoring draws them.
+        """Sample num_tokens tokens after prompt (bs, P >= 1) from a fresh memory (call model.eval() first);
+        yields the sampled tokens (bs,) and their log-probabilities (bs,) before temperature and top-k. output
+        maps the hidden states (bs, d) of a model with lm_head=False to logits (not needed with its own head)."""
+        # The memory is written as scoring (forward over consecutive seg_len segments) writes it: a token
+        # sees the committed memory and its segment's prefix (commit=False: nothing written, none of sticky's
+        # random numbers drawn); a full segment gets the normal forward. Recomputing the prefix instead of
+        # caching keys and values is simpler, exact, and bounds the cost per token by seg_len × window.
+        # Tokens come from a generator of their own (seed), so torch's global RNG feeds only sticky's writes,
+        # in the order that scoring draws them.
         if prompt.size(1) < 1 or not temperature > 0 or (output is None and self.head is None):
             raise ValueError("generate needs a prompt of at least one token, a positive temperature, and "
                              "output= when the model has no head of its own (lm_head=False)")
@@ -544,8 +544,8 @@ class InfFormer(nn.Module):
             seg = seg[:, L:]
         for _ in range(num_tokens):
             commit = seg.size(1) == L  # the segment is full: write it, as scoring would
-            hidden, new, _ = self(seg, memory, commit=commit)  # (bs, T, d)
-            log_p = F.log_softmax(output(hidden[:, -1]).float(), dim=-1)  # (bs, V)
+            out, new, _ = self(seg, memory, commit=commit)  # (bs, T, vocab_size) logits, or (bs, T, d) hidden states
+            log_p = F.log_softmax(output(out[:, -1]).float(), dim=-1)  # (bs, vocab_size)
             logits = log_p / temperature
             if top_k is not None and top_k < logits.size(-1):
                 logits = logits.masked_fill(logits < logits.topk(top_k).values[:, -1:], -math.inf)
@@ -557,7 +557,7 @@ class InfFormer(nn.Module):
 # -----------------------------------------------------------------------------
 # Where this file departs from the paper or the authors' code, or decides what they leave open:
 # - The fit is not padded with zeros beyond [0, 1]; G is the plain closed form.
-# - No sigmoid/Conv1d gate on the LTM input: the paper has none.
+# - No sigmoid/Conv1d gate on the LTM input (the authors' code has one; the paper does not).
 # - The LTM reuses the short-term attention's query projection (as the authors do), but
 #   has its own key, value and output projections.
 # - w_μ and w_σ have a bias each (the authors' have none); w_σ's starts σ at SIGMA_INIT = 0.25
@@ -566,7 +566,7 @@ class InfFormer(nn.Module):
 #   sorting model does), so the two memories never hold the same positions. They are stored
 #   layer-normalised, as the short-term attention saw them: the authors' post-LN
 #   Transformer-XL stores normalised inputs, while our pre-LN residual stream starts near
-#   0.02 per channel, too faint for the reads to be learned reliably (README, "What the implementation chose").
+#   0.02 per channel, too faint for the reads to be learned reliably.
 # - Sticky sampling draws a real uniform offset inside each histogram bin.
 # - A first write shorter than a segment covers only the last L/seg_len of [0, 1], not all of it;
 #   the rest is fitted as zero vectors. Likewise an update of L < seg_len vectors (the end of a
@@ -574,10 +574,10 @@ class InfFormer(nn.Module):
 #   [0, 1 − (1 − τ)·L/seg_len] instead of [0, τ]. Either way each vector stands for as much of
 #   [0, 1] as a full segment's does.
 # - New vectors sit at their cells' midpoints, τ + (1 − τ)(i − ½)/L (the authors: τ + (1 − τ)i/L),
-#   the rule of the first write's positions (k + ½)/L carried over to (τ, 1].
+#   the rule of the first write's positions (i − ½)/L carried over to (τ, 1].
 # - The σ² floor is VAR_MIN = 1e-4 (the authors: 1e-6). It acts only where σ < 0.01, narrower than
-#   every basis function of the CPU presets (w_j ≥ 0.04), whose read's variance σ² + w_j² it moves
-#   by at most 6%.
+#   every basis function of Config's default (w_j ≥ 0.04), whose read's variance σ² + w_j² it moves
+#   by at most 6.25%.
 # - The LTM's output projection starts at zero: untrained, the ∞-former computes what a Transformer-XL
 #   with the same shared weights computes (the same seed draws other weights: the LTM's are drawn mid-block).
 # - The Transformer-XL is pre-LayerNorm with RoPE (Transformer-XL: post-LN, relative
