@@ -36,7 +36,8 @@ PRESETS = {
     # Trains in minutes on a laptop CPU.
     "cpu": dict(batch_size=16, max_steps=1500, lr=1e-3, warmup=100, clip=0.25,
                 model=dict(d_model=128, n_layers=4, n_heads=4, d_ff=512, dropout=0.1, seg_len=64, mem_len=64,
-                           num_basis=64, basis_widths=(0.04, 0.2), num_samples=64, tau=0.5, cmem_len=64, compress_rate=4)),
+                           num_basis=64, basis_widths=(0.04, 0.2), num_samples=64, tau=0.5, cmem_len=64,
+                           compress_rate=4)),
     # The paper's base model (Transformer-XL base: 16 layers, d 410, 10 heads, d_ff 2100), N = 150.
     "paper": dict(batch_size=60, max_steps=200_000, lr=2.5e-4, warmup=0, clip=0.25,
                   model=dict(d_model=410, n_layers=16, n_heads=10, d_ff=2100, dropout=0.1, seg_len=150, mem_len=150,
@@ -89,10 +90,9 @@ def tokenize(paths):
     index = {"<eos>": 0}
     train, train_docs = read_ids(paths["train"], index, grow=True)
     index.setdefault("<unk>", len(index))
-    order = torch.argsort(-torch.bincount(train.long(), minlength=len(index)), stable=True)
-    words = list(index)
-    vocab = [words[i] for i in order.tolist()]
-    data = {"train": order.argsort()[train.long()].int(), "train_docs": train_docs}  # argsort: the new ids
+    new_id = torch.argsort(-torch.bincount(train.long(), minlength=len(index)), stable=True).argsort()  # of each id
+    vocab = [w for _, w in sorted(zip(new_id.tolist(), index))]
+    data = {"train": new_id[train.long()].int(), "train_docs": train_docs}
     for split in ("valid", "test"):  # split_docs: where its documents start
         data[split], data[f"{split}_docs"] = read_ids(paths[split], {w: i for i, w in enumerate(vocab)}, grow=False)
     return vocab, data
@@ -110,12 +110,9 @@ def load_corpus(data_dir, out_dir):
             return saved["vocab"], saved["data"]
     except Exception:  # none yet, or unreadable: build it
         pass
-    start = time.time()
-    print(f"tokenising {data_dir} ...", flush=True)
+    print(f"tokenising {data_dir} (cached in {cache}) ...", flush=True)
     vocab, data = tokenize(paths)
     atomic_save({"version": CACHE_VERSION, "fingerprint": fingerprint, "vocab": vocab, "data": data}, cache)
-    print(f"tokenised in {time.time() - start:.0f} s: {len(vocab):,} words, "
-          + ", ".join(f"{s} {len(data[s]):,} tokens" for s in paths) + f"; cached in {cache}", flush=True)
     return vocab, data
 
 
@@ -171,7 +168,7 @@ class TiedEmbedding(nn.Module):
         out = 0  # each cluster's rows looked up in place: concatenating the (V, d) table cost more than a
         for table, start in zip(tables, [0] + sm.cutoffs[:-1]):  # whole forward of a generated token
             inside = (tokens >= start) & (tokens < start + table.size(0))
-            out = out + nn.functional.embedding((tokens - start).clamp(0, table.size(0) - 1), table) * inside.unsqueeze(-1)
+            out = out + nn.functional.embedding((tokens - start).clamp(0, len(table) - 1), table) * inside[..., None]
         return out  # (..., d)
 
 
@@ -281,9 +278,9 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, help="steps the learning-rate schedule spans (preset: cpu 1500, paper 2e5)")
     p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (then evaluate)")
     p.add_argument("--lr", type=float, help="peak learning rate (preset: cpu 1e-3, paper 2.5e-4)")
-    p.add_argument("--kl-weight", type=float, default=Config.kl_weight, help="weight of the LTM's KL term (default 1e-6)")
+    p.add_argument("--kl-weight", type=float, default=Config.kl_weight, help="the LTM's KL term weight (default 1e-6)")
     p.add_argument("--eval-streams", type=int, default=10, help="streams the valid/test text is cut into (default 10)")
-    p.add_argument("--reset", action=argparse.BooleanOptionalAction, default=True, help="each document from scratch")
+    p.add_argument("--reset", action=argparse.BooleanOptionalAction, default=True, help="each document from an empty memory")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every this many steps (default 500)")
     p.add_argument("--eval-every", type=int, help="validate every this many steps; the best weights go to best.pt")
@@ -409,7 +406,8 @@ def train(r):
             print(f"step {r.step}/{args.max_steps} | loss {mean:.3f} | ppl {math.exp(mean):.1f} | lr {lr:.2e} | "
                   f"{tokens / (elapsed - r.eval_seconds):,.0f} tok/s | ETA {eta:.1f} min", flush=True)
             window, last_log = [], time.time()
-        if args.eval_every and not interrupted and (r.step % args.eval_every == 0 or r.step == args.max_steps or out_of_time):
+        if args.eval_every and not interrupted and (r.step % args.eval_every == 0 or r.step == args.max_steps
+                                                    or out_of_time):
             validate(r)
         if r.step % args.save_every == 0 or interrupted or out_of_time:
             save_checkpoint(r, ckpt_path)
@@ -443,10 +441,9 @@ def final_evaluation(r, train_loss, steps, seconds):
             zeroed = split_perplexity(r, "valid")
         print(f"LTM use: with every Z_LTM zeroed the valid perplexity is {zeroed:.2f}, against "
               f"{ppl['valid']:.2f} ({100 * (zeroed / ppl['valid'] - 1):+.1f}%)")
-    tokens = args.batch_size * r.cfg.seg_len * r.world * steps
     result = {"memory": args.memory, "valid_ppl": round(ppl["valid"], 2), "test_ppl": round(ppl["test"], 2),
               "valid_ppl_ltm_zeroed": None if zeroed is None else round(zeroed, 2),
-              "tokens_per_second": round(tokens / seconds) if steps else None,
+              "tokens_per_second": round(args.batch_size * r.cfg.seg_len * r.world * steps / seconds) if steps else None,
               "peak_memory_mb": round(peak_memory_mb(r.device), 1), "steps": r.step,
               "minutes": round(r.minutes_before + (time.time() - r.start) / 60, 2), "evaluated": evaluated,
               "evaluated_step": evaluated_step, "valid_history": [[s, round(p, 2)] for s, p in r.history],
@@ -471,8 +468,7 @@ def generate(args):
     model, vocab = load_model(args.generate, args.device)
     index = {w: i for i, w in enumerate(vocab)}
     words = args.prompt.split()
-    unknown = [w for w in words if w not in index]
-    if unknown:
+    if unknown := [w for w in words if w not in index]:
         print(f"note: not in the vocabulary, read as <unk>: {' '.join(unknown)}", file=sys.stderr)
     ids = [index["<eos>"]] + [index.get(w, index["<unk>"]) for w in words]  # the text starts after a line end
     torch.manual_seed(args.seed)  # for sticky's memory writes; the words are drawn from a generator of their own

@@ -115,7 +115,7 @@ def ltm_zeroed(model):
 
 
 def lr_at(step, peak, warmup, total, floor):
-    """Linear warm-up to peak, then cosine decay to floor × peak at total (peak 1: LambdaLR's multiplier)."""
+    """Linear warm-up to peak, then cosine decay to floor × peak at total (peak 1: a multiplier)."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -422,8 +422,7 @@ def common_args(p, presets, out):
     """The arguments both scripts take."""
     p.add_argument("--preset", choices=sorted(presets), default="cpu", help="model and training setting (default cpu)")
     p.add_argument("--batch-size", type=int, help="sequences (streams) per step and process (default: the preset's)")
-    p.add_argument("--dtype", choices=["float32", "bf16"], help="bf16: autocast, the method's math in float32 "
-                   "(default on CUDA)")
+    p.add_argument("--dtype", choices=["float32", "bf16"], help="bf16: autocast, the LTM math in float32 (CUDA default)")
     p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--out", default=out, help=f"folder for the results (default {out})")
@@ -431,8 +430,7 @@ def common_args(p, presets, out):
 
 
 def parse(p, argv, presets, positive):
-    """The command line, the preset filling in what it leaves out, checked: each of positive above 0 (a list: each
-    value; an integer: at least 1), CUDA there, --out a folder; dtype bf16 by default on CUDA."""
+    """The command line, the preset filling in what it leaves out; each of positive > 0, CUDA there, --out a folder."""
     p.set_defaults(**presets[p.parse_args(argv).preset])
     args = p.parse_args(argv)
     for name in positive:
@@ -470,8 +468,7 @@ def load_results(path):
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-        print(f"train_sort.py: error: {path} is damaged ({e}); repair or move it, it was left as it is",
-              file=sys.stderr)
+        print(f"train_sort.py: error: {path} is damaged ({e}); repair or move it, it was left as is", file=sys.stderr)
         sys.exit(2)
 
 
