@@ -1,4 +1,4 @@
-"""The sorting task of the ∞-former paper (§5.1), comparing the four memory kinds.
+"""The sorting task of the ∞-former paper (§5.1), comparing the memory kinds.
 
 S symbols are drawn from a distribution drifting from p_init to p_final; the model must then output the 20 symbols
 by how often they occurred in the whole sequence, which the recent tokens alone get wrong: memory must reach back.
@@ -6,14 +6,13 @@ by how often they occurred in the whole sequence, which the recent tokens alone 
   python train_sort.py                                  # all four memories, CPU preset, S = 1024
   python train_sort.py --memory infinite xl --seed 3    # some memory kinds, another seed
   python train_sort.py --preset sweep --seeds 0 1 2     # accuracy against S (Figure 2), on a CPU
-  python train_sort.py --preset paper --seq-len 8000    # the paper's setting, one GPU
-  torchrun --nproc_per_node=4 train_sort.py --preset paper --seeds 0 1 2   # Figure 2, several GPUs
+  torchrun --nproc_per_node=4 train_sort.py --preset paper --seeds 0 1 2   # the paper's setting, several GPUs
 
-Each (memory, S, seed) is a row of results.json, not rerun with the same configuration and code: a sweep resumes.
-Departure from the authors': fresh sequences every step (they train on a fixed 8,000), never from the held-out seeds.
-train_lm.py imports its plumbing from here, so the scripts don't repeat it; infformer.py holds the model, not plumbing.
+Each (memory, S, seed) is a row of results.json, reused while the configuration and code are the same. Unlike the
+authors (a fixed 8,000), fresh sequences every step. train_lm.py imports its plumbing from here.
 """
 import argparse
+import contextlib
 import datetime
 import hashlib
 import itertools
@@ -78,7 +77,7 @@ def seeded(fn):
 
 
 def init_distributed(device):
-    """(rank, world size, this process's device); under torchrun (WORLD_SIZE > 1) also joins the process group."""
+    """(rank, world size, this process's device); under torchrun (WORLD_SIZE > 1) joins the process group."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:  # launched by torchrun: one process per GPU (nccl), or per CPU worker (gloo)
         if device.type == "cuda":
@@ -88,18 +87,35 @@ def init_distributed(device):
         # (sorting: 1,024 sequences of 16,000 tokens; WikiText-103's valid and test) can outlast NCCL's 10 minutes.
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                              timeout=datetime.timedelta(hours=2))
+        if rank > 0:  # only rank 0 prints
+            sys.stdout = open(os.devnull, "w")
     return rank, world, device
 
 
-def save_json(obj, path, indent=1):
-    """json.dump to a temporary file, then rename: an interruption never leaves half a file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=indent)
-    os.replace(path + ".tmp", path)
+def atomic_save(obj, path):
+    """torch.save (json.dump for a .json) to a temporary file, then rename: an interruption never leaves half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    if path.endswith(".json"):
+        pathlib.Path(tmp).write_text(json.dumps(obj, indent=1))
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def ltm_zeroed(model):
+    """Inside, every layer's Z_LTM is zero: what the model loses without its long-term memory."""
+    hooks = [b.read_ltm.register_forward_hook(lambda m, i, out: (torch.zeros_like(out[0]), *out[1:]))
+             for b in model.blocks if b.read_ltm is not None]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def lr_at(step, peak, warmup, total, floor):
-    """Linear warm-up to peak, then cosine decay to floor × peak at total (peak 1: LambdaLR's multiplier)."""
+    """Linear warm-up to peak, then cosine decay to floor × peak at total (peak 1: a multiplier)."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -232,10 +248,9 @@ def ltm_reads(model, inputs, args, autocast, ablate=False):
     stm, ltm = [], []  # every segment's Z_STM and (Z_LTM, μ, σ²), layer after layer
     hooks = [b.proj.register_forward_hook(lambda m, i, out: stm.append(out)) for b in blocks]
     hooks += [b.read_ltm.register_forward_hook(lambda m, i, out: ltm.append(out)) for b in blocks]
-    if ablate:  # runs after the hook above: the read is recorded, then zeroed
-        hooks += [b.read_ltm.register_forward_hook(lambda m, i, out: (torch.zeros_like(out[0]), *out[1:])) for b in blocks]
     model.eval()
-    logits = target_logits(model, inputs.to(args.device), args.seg_len, autocast)[0].cpu()
+    with ltm_zeroed(model) if ablate else contextlib.nullcontext():  # after the hooks above: recorded, then zeroed
+        logits = target_logits(model, inputs.to(args.device), args.seg_len, autocast)[0].cpu()
     model.train()
     for h in hooks:
         h.remove()
@@ -307,9 +322,8 @@ def train(kind, seq_len, seed, args, valid_set, test_set, rank, world):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     tokens_per_step = args.batch_size * (seq_len + N_SYMBOLS) * world
     reset_peak_memory(device)
-    if rank == 0:
-        print(f"== {kind} ({budget(cfg)}), S = {seq_len}, seed {seed}: {sum(p.numel() for p in model.parameters()):,} "
-              f"parameters, {args.steps} steps of {args.batch_size}×{world} sequences", flush=True)
+    print(f"== {kind} ({budget(cfg)}), S = {seq_len}, seed {seed}: {sum(p.numel() for p in model.parameters()):,} "
+          f"parameters, {args.steps} steps of {args.batch_size}×{world} sequences", flush=True)
     start = last_log = time.time()
     # time spent on diagnostics (kept out of tokens/s); (loss, accuracy) since the last progress line; LTM diagnostics
     diag_seconds, window, history = 0.0, [], []
@@ -404,34 +418,45 @@ def plot(results, out):
 # -----------------------------------------------------------------------------
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--memory", nargs="+", choices=KINDS + ["xl-stm", "all"], default=["all"], help="default: all")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="model and training setting (default: cpu)")
-    p.add_argument("--seq-len", type=int, nargs="+", help="S (preset: cpu 1024, sweep 128 512 2048, paper 4000–16000)")
-    p.add_argument("--seed", "--seeds", type=int, nargs="+", default=[0], help="seeds, each its own run (default 0)")
-    p.add_argument("--steps", type=int, help="training steps (preset: cpu 2000, sweep 1500, paper 20000)")
-    p.add_argument("--batch-size", type=int, help="sequences per step and process (preset: cpu and sweep 16, paper 8)")
-    p.add_argument("--eval-size", type=int, default=512, help="held-out sequences, valid and test each (default 512)")
-    p.add_argument("--dtype", choices=["float32", "bf16"], help="bf16: autocast, LTM math in float32 (default on CUDA)")
+def common_args(p, presets, out):
+    """The arguments both scripts take."""
+    p.add_argument("--preset", choices=sorted(presets), default="cpu", help="model and training setting (default cpu)")
+    p.add_argument("--batch-size", type=int, help="sequences (streams) per step and process (default: the preset's)")
+    p.add_argument("--dtype", choices=["float32", "bf16"], help="bf16: autocast, the LTM math in float32 (CUDA default)")
     p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--out", default="runs/sort", help="folder for results.json and sort.png (default runs/sort)")
-    p.add_argument("--diag-every", type=int, default=100, help="steps between LTM diagnostics (default 100)")
+    p.add_argument("--out", default=out, help=f"folder for the results (default {out})")
     p.add_argument("--log-seconds", type=float, default=5.0, help="seconds between progress lines (default 5)")
-    p.set_defaults(**PRESETS[p.parse_args(argv).preset])  # the preset fills in what the command leaves out
+
+
+def parse(p, argv, presets, positive):
+    """The command line, the preset filling in what it leaves out; each of positive > 0, CUDA there, --out a folder."""
+    p.set_defaults(**presets[p.parse_args(argv).preset])
     args = p.parse_args(argv)
-    args.warmup, args.seg_len = min(args.warmup, args.steps), args.model["seg_len"]
-    args.kinds = list(dict.fromkeys(k for m in args.memory for k in (KINDS if m == "all" else [m])))
-    for key, value in [("steps", args.steps), ("batch-size", args.batch_size), ("eval-size", args.eval_size),
-                       ("diag-every", args.diag_every), ("seq-len", min(args.seq_len))]:
-        if value < 1:
-            p.error(f"--{key} must be at least 1")
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and not min(value if isinstance(value, list) else [value]) > 0:
+            p.error(f"--{name.replace('_', '-')} must be {'at least 1' if type(value) in (int, list) else 'positive'}")
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available on this machine")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out}: a file of that name exists; give a folder")
     args.dtype = args.dtype or ("bf16" if args.device.type == "cuda" else "float32")
+    return args
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--memory", nargs="+", choices=KINDS + ["xl-stm", "all"], default=["all"], help="default: all")
+    p.add_argument("--seq-len", type=int, nargs="+", help="S (preset: cpu 1024, sweep 128 512 2048, paper 4000–16000)")
+    p.add_argument("--seed", "--seeds", type=int, nargs="+", default=[0], help="seeds, each its own run (default 0)")
+    p.add_argument("--steps", type=int, help="training steps (preset: cpu 2000, sweep 1500, paper 20000)")
+    p.add_argument("--eval-size", type=int, default=512, help="held-out sequences, valid and test each (default 512)")
+    p.add_argument("--diag-every", type=int, default=100, help="steps between LTM diagnostics (default 100)")
+    common_args(p, PRESETS, "runs/sort")
+    args = parse(p, argv, PRESETS, ["steps", "batch_size", "eval_size", "diag_every", "seq_len"])
+    args.warmup, args.seg_len = min(args.warmup, args.steps), args.model["seg_len"]
+    args.kinds = list(dict.fromkeys(k for m in args.memory for k in (KINDS if m == "all" else [m])))
     return args
 
 
@@ -443,8 +468,7 @@ def load_results(path):
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-        print(f"train_sort.py: error: {path} is damaged ({e}); repair or move it, it was left as it is",
-              file=sys.stderr)
+        print(f"train_sort.py: error: {path} is damaged ({e}); repair or move it, it was left as is", file=sys.stderr)
         sys.exit(2)
 
 
@@ -463,14 +487,13 @@ def main(argv=None):
                 old = finished.get((kind, seq_len, seed))
                 cfg = run_config(model_config(kind, args), seq_len, seed, args, world)
                 if old and {k: v for k, v in old["config"].items() if k != "device"} == cfg:
-                    if rank == 0:
-                        print(f"== {kind}, S = {seq_len}, seed {seed}: done before, test accuracy "
-                              f"{old['test_accuracy']:.3f} (from {path})", flush=True)
+                    print(f"== {kind}, S = {seq_len}, seed {seed}: done before, test accuracy "
+                          f"{old['test_accuracy']:.3f} (from {path})", flush=True)
                     continue
                 result = train(kind, seq_len, seed, args, valid_set, test_sets[seq_len], rank, world)
                 if rank == 0:  # after every run: an interruption loses at most the one running
                     finished[kind, seq_len, seed] = result
-                    save_json(list(finished.values()), path)
+                    atomic_save(list(finished.values()), path)
     except KeyboardInterrupt:  # a user's Ctrl-C, not a bug: one line, no traceback
         sys.exit(f"\ninterrupted; finished runs are in {path}, and the same command continues")
     finally:
