@@ -850,23 +850,34 @@ def test_evaluate_scores_the_twenty_answers_over_every_segment():
 
 
 def test_ltm_diagnostics_read_the_answer_positions():
-    """μ and σ² in the diagnostics are those of the 20 answer queries of the last segment, as the
-    LTM read itself (recorded by a hook) gave them; Z is the read at the same positions."""
+    """μ and σ in the diagnostics are the means over the 20 answer queries of the last segment, as the LTM read
+    itself (recorded by a hook) gave them; ltm_use is the accuracy lost with every LTM output projection zeroed
+    (an independent way to remove Z_LTM), each computed here on its own."""
     cfg = Config(vocab_size=train_sort.VOCAB, d_model=32, n_layers=2, n_heads=4, d_ff=64, seg_len=32, mem_len=32,
                  num_basis=16, basis_widths=(0.05, 0.2), num_samples=16, memory="infinite")
-    torch.manual_seed(0)
-    model = give_ltm_weights(train_sort.make_model(cfg))
+    torch.manual_seed(3)
+    model = train_sort.make_model(cfg)
+    with torch.no_grad():  # answers that depend on the reads
+        model.head.weight.normal_(0, 1)
+        for block in model.blocks:
+            block.read_ltm.proj.weight.normal_(0, 1)
     reads = []
-    model.blocks[1].read_ltm.register_forward_hook(lambda m, i, out: reads.append(out))
-    inputs, _ = train_sort.make_batch(3, 100, torch.Generator().manual_seed(0))
+    hook = model.blocks[1].read_ltm.register_forward_hook(lambda m, i, out: reads.append(out))
+    inputs, targets = train_sort.make_batch(8, 100, torch.Generator().manual_seed(0))
     args = train_sort.parse_args(["--device", "cpu"])
     args.seg_len = 32
-    (_, z, mu, var), = train_sort.ltm_reads(model, inputs, args, torch.autocast("cpu", enabled=False))[0][1:]
-    z_ref, mu_ref, var_ref = reads[-1]
-    assert mu.shape == (3, 4, 20)
-    torch.testing.assert_close(mu, mu_ref[..., -20:])
-    torch.testing.assert_close(var, var_ref[..., -20:])
-    torch.testing.assert_close(z, z_ref[:, -20:])
+    no_autocast = torch.autocast("cpu", enabled=False)
+    diag = train_sort.ltm_diagnostics(model, inputs, targets, args, no_autocast)
+    hook.remove()
+    _, mu_ref, var_ref = reads[len(reads) // 2 - 1]  # the last read of the first (unablated) pass
+    assert diag["mu"][1] == round(mu_ref[..., -20:].mean().item(), 3)
+    assert diag["sigma"][1] == round(var_ref[..., -20:].sqrt().mean().item(), 3)
+    accuracy = lambda: (train_sort.target_logits(model, inputs, 32, no_autocast)[0].argmax(-1) == targets).float().mean()
+    full = accuracy().item()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.read_ltm.proj.weight.zero_()
+    assert diag["ltm_use"] == round(full - accuracy().item(), 4) != 0 and diag["accuracy"] == round(full, 4)
 
 
 def test_count_ranking_reference_matches_brute_force():
@@ -902,7 +913,7 @@ def test_train_sort_sweeps_lengths_and_seeds_and_continues_where_it_stopped(tmp_
     assert "S = 1 (" in out and "S = 100 (" in out and "| xl-stm | STM 128 | 2 |" in out and "plot skipped" in out
     train_sort.main(argv + ["--seq-len", "1", "100", "40"])
     again = json.loads((tmp_path / "results.json").read_text())
-    assert [r for r in again if r["seq_len"] != 40] == results and len(again) == len(results) + 10
+    assert [r for r in again if r["seq_len"] != 40] == results and len(again) == len(results) + 2 * (len(KINDS) + 1)
     assert capsys.readouterr().out.count("done before") == len(results)
 
 
@@ -911,10 +922,11 @@ def test_sort_diagnostics_leave_the_training_alone(tmp_path, monkeypatch):
     training's random stream, so step 4 looks the same however often they ran before it."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     diags = []
-    for every in ("1", "4"):
+    for every in (1, 4):
+        monkeypatch.setattr(train_sort, "DIAG_EVERY", every)
         train_sort.main(["--memory", "sticky", "--steps", "4", "--seq-len", "400", "--batch-size", "2",
-                         "--eval-size", "2", "--diag-every", every, "--out", str(tmp_path / every), "--log-seconds", "9"])
-        diags.append(json.loads((tmp_path / every / "results.json").read_text())[0]["ltm_diagnostics"])
+                         "--eval-size", "2", "--out", str(tmp_path / str(every)), "--log-seconds", "9"])
+        diags.append(json.loads((tmp_path / str(every) / "results.json").read_text())[0]["ltm_diagnostics"])
     assert len(diags[0]) == 4 and diags[0][-1] == diags[1][-1]
 
 
@@ -1066,7 +1078,7 @@ def test_token_cache_is_reused_and_rebuilt_when_files_change(corpus, tmp_path, c
 def untrained_perplexity(r, data, docs):
     cfg = Config(**{k: r["config"][k] for k in Config.__dataclass_fields__})
     torch.manual_seed(r["config"]["seed"])
-    model = train_lm.LanguageModel(cfg, r["config"]["tie"])
+    model = train_lm.LanguageModel(cfg)
     return train_lm.perplexity(model, data, 3, cfg.seg_len, "cpu", torch.autocast("cpu", enabled=False), docs)
 
 
@@ -1082,7 +1094,7 @@ def test_train_lm_trains_and_evaluates_on_the_held_out_splits(kind, corpus, tmp_
     assert r["valid_ppl"] < 0.6 * untrained_perplexity(r, data["valid"], data["valid_docs"])
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", map_location="cpu")
     cfg = Config(**{k: ckpt["run"][k] for k in Config.__dataclass_fields__})
-    model = train_lm.LanguageModel(cfg, tie=True)
+    model = train_lm.LanguageModel(cfg)
     model.load_state_dict(ckpt["model"])
     ppl = {s: train_lm.perplexity(model, data[s][:600], 3, cfg.seg_len, "cpu", contextlib.nullcontext(),
                                   data[f"{s}_docs"]) for s in ("valid", "test", "train")}  # train: one document, cut short
@@ -1109,12 +1121,12 @@ def test_lm_reports_the_valid_perplexity_without_the_ltm_read(kind, corpus, tmp_
     projection set to zero (an independent way to remove Z_LTM), and differ from valid_ppl."""
     train_lm.main(lm_args(corpus, tmp_path / "run", "--memory", kind, "--lr", "0.01"))
     r = json.loads((tmp_path / "run" / "results.json").read_text())
-    if kind in ("xl", "compressive"):
+    if kind in ("xl", "compressive", "infini"):  # no Z_LTM to zero
         assert r["valid_ppl_ltm_zeroed"] is None
         return
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", map_location="cpu")
     cfg = Config(**{k: ckpt["run"][k] for k in Config.__dataclass_fields__})
-    model = train_lm.LanguageModel(cfg, tie=True)
+    model = train_lm.LanguageModel(cfg)
     model.load_state_dict(ckpt["model"])
     _, data = train_lm.tokenize(train_lm.split_paths(str(corpus)))
     ppl = lambda: round(train_lm.perplexity(model, data["valid"], 3, cfg.seg_len, "cpu", contextlib.nullcontext(),
@@ -1144,8 +1156,9 @@ def test_both_scripts_train_and_evaluate_under_cpu_bf16_autocast(kind, corpus, t
         assert seen >= {(True, torch.bfloat16), (False, torch.bfloat16)}  # in training and in evaluation
         seen.clear()
         monkeypatch.setitem(sys.modules, "matplotlib", None)
+        monkeypatch.setattr(train_sort, "DIAG_EVERY", 1)
         train_sort.main(["--memory", kind, "--steps", "2", "--seq-len", "300", "--batch-size", "2", "--eval-size", "2",
-                         "--dtype", "bf16", "--out", str(tmp_path / "sort"), "--log-seconds", "0", "--diag-every", "1"])
+                         "--dtype", "bf16", "--out", str(tmp_path / "sort"), "--log-seconds", "0"])
         r = json.loads((tmp_path / "sort" / "results.json").read_text())[0]
         assert r["config"]["dtype"] == "bf16" and r["config"]["memory"] == kind
         assert seen >= {(True, torch.bfloat16), (False, torch.bfloat16)}
@@ -1157,7 +1170,7 @@ def test_output_layer_runs_in_float32_under_bf16_autocast(corpus):
     vocab, _ = train_lm.tokenize(train_lm.split_paths(str(corpus)))
     torch.manual_seed(0)
     cfg = Config(vocab_size=len(vocab), d_model=32, n_heads=4, d_ff=64, seg_len=8, mem_len=8, lm_head=False)
-    model = train_lm.LanguageModel(cfg, tie=True)
+    model = train_lm.LanguageModel(cfg)
     tokens, targets = torch.randint(0, len(vocab), (2, 2, 8)).unbind(0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         nll, _, _ = model(tokens, targets, None)
@@ -1278,9 +1291,9 @@ def test_bad_data_gives_one_clear_line(corpus, tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(HERE, "train_lm.py"), "--data", str(corpus),
                            "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"train_lm.py: error: --data {corpus}: missing wiki.test.tokens (or test.txt)"
+    assert proc.stderr.strip() == f"train_lm.py: error: --data {corpus}: wiki.test.tokens is missing or empty"
     (corpus / "wiki.test.tokens").write_text("")
-    with pytest.raises(train_lm.UserError, match="wiki.test.tokens is empty"):
+    with pytest.raises(train_lm.UserError, match="wiki.test.tokens is missing or empty"):
         train_lm.main(lm_args(corpus, tmp_path / "o"))
     with pytest.raises(train_lm.UserError, match="no such folder"):
         train_lm.main(lm_args(tmp_path / "nowhere", tmp_path / "o"))
@@ -1333,7 +1346,7 @@ def test_ddp_ranks_read_their_own_streams_and_average_their_gradients(corpus, tm
     ckpt = torch.load(tmp_path / "ddp" / "ckpt.pt")
     cfg = Config(**{k: ckpt["run"][k] for k in Config.__dataclass_fields__})
     torch.manual_seed(0)  # rank 0's seed: DDP starts every rank from rank 0's weights
-    model = train_lm.LanguageModel(cfg, tie=True)
+    model = train_lm.LanguageModel(cfg)
     tokens, targets = (torch.cat(parts) for parts in zip(*(d["batch"] for d in ranks)))
     nll, _, kl = model(tokens, targets, None)
     (nll.mean() + kl).backward()
@@ -1512,7 +1525,7 @@ def test_generate_rejects_bad_input_in_one_clear_line(tmp_path, capsys):
     gen = ["--generate", str(tmp_path / "foreign.pt")]
     for argv, message in [(["--generate", str(tmp_path / "none.pt")], "none.pt: no such file"),
                           (["--generate", str(tmp_path / "garbage.pt")], "not a readable checkpoint"),
-                          (gen, "not a train_lm.py checkpoint with its vocabulary (no config, vocab, tie, model)"),
+                          (gen, "not a train_lm.py checkpoint with its vocabulary (no config, vocab, model)"),
                           (gen + ["--temperature", "0"], "--temperature must be positive"),
                           (gen + ["--tokens", "0"], "--tokens must be at least 1"),
                           (gen + ["--top-k", "0"], "--top-k must be at least 1"),

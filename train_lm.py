@@ -1,16 +1,14 @@
 """Word-level language modelling on WikiText-103 with memories carried across segments.
 
-  python train_lm.py --data data/wikitext-103                       # small CPU default, xl
-  python train_lm.py --data data/wikitext-103 --memory infinite     # the ∞-former
-  python train_lm.py --data data/wikitext-103 --preset paper        # the paper's base model, one GPU
+  python train_lm.py --data data/wikitext-103 --memory infinite     # CPU default (--preset paper: one GPU)
   torchrun --nproc_per_node=8 train_lm.py --data data/wikitext-103 --preset paper
   python train_lm.py --data data/wikitext-103 --resume runs/lm/ckpt.pt   # continue a run
   python train_lm.py --generate runs/lm/ckpt.pt --prompt "The" --tokens 200  # sample text from a run
 
 Each document (a ` = Title = ` line starts one) starts from an empty memory; --no-reset carries it across, as
 Transformer-XL on WikiText-103. Checkpoints hold the vocabulary: load_model(path) and --generate need no data.
-Departures from Transformer-XL: PyTorch's adaptive softmax (a projection per tail cluster, no output biases);
-AdamW with weight decay 0.01 on every parameter (Transformer-XL: Adam, no weight decay).
+Departures from Transformer-XL: PyTorch's adaptive softmax, tied to the embedding (a projection per tail cluster,
+no output biases); AdamW with weight decay 0.01 on every parameter (Transformer-XL: Adam, no weight decay).
 """
 import argparse
 import array
@@ -55,18 +53,13 @@ class UserError(Exception):
 
 
 def split_paths(data_dir):
-    """The three WikiText files, under either naming; a missing or empty one is a UserError."""
+    """The three WikiText files; a missing folder, a missing or an empty file is a UserError."""
     if not os.path.isdir(data_dir):
         raise UserError(f"--data {data_dir}: no such folder")
-    paths = {}
-    for split in ("train", "valid", "test"):
-        names = [f"wiki.{split}.tokens", f"{split}.txt"]
-        found = [os.path.join(data_dir, n) for n in names if os.path.isfile(os.path.join(data_dir, n))]
-        if not found:
-            raise UserError(f"--data {data_dir}: missing {names[0]} (or {names[1]})")
-        if os.path.getsize(found[0]) == 0:
-            raise UserError(f"{found[0]} is empty")
-        paths[split] = found[0]
+    paths = {split: os.path.join(data_dir, f"wiki.{split}.tokens") for split in ("train", "valid", "test")}
+    for path in paths.values():
+        if not os.path.isfile(path) or os.path.getsize(path) == 0:
+            raise UserError(f"--data {data_dir}: {os.path.basename(path)} is missing or empty")
     return paths
 
 
@@ -173,13 +166,12 @@ class TiedEmbedding(nn.Module):
 
 
 class LanguageModel(nn.Module):
-    def __init__(self, cfg, tie):
+    def __init__(self, cfg):
         super().__init__()
         self.body = InfFormer(cfg)  # cfg.lm_head is False: it returns hidden states
         self.softmax = nn.AdaptiveLogSoftmaxWithLoss(cfg.d_model, cfg.vocab_size, scaled_cutoffs(cfg.vocab_size),
-                                                     div_value=1.0 if tie else 4.0)
-        if tie:
-            self.body.tok_emb = TiedEmbedding(self.softmax)
+                                                     div_value=1.0)  # every cluster d_model wide: tied below
+        self.body.tok_emb = TiedEmbedding(self.softmax)
 
     def reset_memory(self, memory, done):
         return self.body.reset_memory(memory, done)
@@ -242,15 +234,15 @@ def read_checkpoint(path, keys, flag=""):
 
 def load_model(path, device="cpu"):
     """The LanguageModel saved in best.pt or ckpt.pt (eval mode, on device) and its vocabulary, from the file alone."""
-    ckpt = read_checkpoint(path, ("config", "vocab", "tie", "model"))
-    model = LanguageModel(Config(**ckpt["config"]), ckpt["tie"])
+    ckpt = read_checkpoint(path, ("config", "vocab", "model"))
+    model = LanguageModel(Config(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt["vocab"]
 
 
 def portable(r):
     """What load_model needs (configuration, vocabulary, weights), and the run's settings."""
-    return {"config": vars(r.cfg), "vocab": r.vocab, "tie": True, "run": r.settings, "model": r.model.state_dict()}
+    return {"config": vars(r.cfg), "vocab": r.vocab, "run": r.settings, "model": r.model.state_dict()}
 
 
 def save_checkpoint(r, path):
@@ -273,7 +265,7 @@ def save_checkpoint(r, path):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="train_lm.py", description=__doc__,  # prog: the same name under pytest
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="folder with wiki.{train,valid,test}.tokens or {train,valid,test}.txt")
+    p.add_argument("--data", help="folder with wiki.{train,valid,test}.tokens")
     p.add_argument("--memory", choices=KINDS, default="xl", help="(default xl)")
     p.add_argument("--max-steps", type=int, help="steps the learning-rate schedule spans (preset: cpu 1500, paper 2e5)")
     p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (then evaluate)")
@@ -320,7 +312,7 @@ def setup(args):
     streams = train_streams(train, r.data["train_docs"], n, args.model["seg_len"], args.reset)
     r.streams = tuple(t[r.rank * args.batch_size:(r.rank + 1) * args.batch_size] for t in streams)  # this rank's
     r.cfg = Config(vocab_size=len(r.vocab), memory=args.memory, lm_head=False, **args.model)
-    r.settings = {**vars(r.cfg), "tie": True, "batch_size": args.batch_size, "world_size": r.world,
+    r.settings = {**vars(r.cfg), "batch_size": args.batch_size, "world_size": r.world,
                   "max_steps": args.max_steps, "lr": args.lr, "warmup": args.warmup, "clip": args.clip,
                   "seed": args.seed, "train_tokens": len(train), "reset": args.reset}  # what --resume must match
     ckpt = read_checkpoint(args.resume, ("run", "optimizer", "memory"), "--resume ") if args.resume else None
@@ -328,7 +320,7 @@ def setup(args):
     if diff:
         raise UserError(f"--resume {args.resume} was written for another configuration: " + ", ".join(diff))
     torch.manual_seed(args.seed + r.rank)
-    r.model = LanguageModel(r.cfg, tie=True).to(r.device)
+    r.model = LanguageModel(r.cfg).to(r.device)
     # Under DDP some parameters get no gradient in a step: the adaptive softmax skips a tail cluster
     # when no target of the batch falls in it, and the LTM is unused while its memory is empty.
     r.ddp = nn.parallel.DistributedDataParallel(r.model, find_unused_parameters=True) if r.world > 1 else r.model

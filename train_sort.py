@@ -1,15 +1,13 @@
-"""The sorting task of the ∞-former paper (§5.1), comparing the memory kinds.
+"""The sorting task of the ∞-former paper (§5.1): S symbols drawn from a distribution drifting from p_init to
+p_final, then the 20 symbols by how often they occurred in the whole sequence (the recent tokens alone mislead).
 
-S symbols are drawn from a distribution drifting from p_init to p_final; the model must then output the 20 symbols
-by how often they occurred in the whole sequence, which the recent tokens alone get wrong: memory must reach back.
-
-  python train_sort.py                                  # all four memories, CPU preset, S = 1024
+  python train_sort.py                                  # all five memories, CPU preset, S = 1024
   python train_sort.py --memory infinite xl --seed 3    # some memory kinds, another seed
   python train_sort.py --preset sweep --seeds 0 1 2     # accuracy against S (Figure 2), on a CPU
   torchrun --nproc_per_node=4 train_sort.py --preset paper --seeds 0 1 2   # the paper's setting, several GPUs
 
-Each (memory, S, seed) is a row of results.json, reused while the configuration and code are the same. Unlike the
-authors (a fixed 8,000), fresh sequences every step. train_lm.py imports its plumbing from here.
+Each (memory, S, seed) is a row of results.json, reused while configuration and code are the same. Fresh sequences
+every step (the authors: a fixed 8,000). train_lm.py imports its plumbing from here.
 """
 import argparse
 import contextlib
@@ -26,13 +24,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from infformer import Config, InfFormer
+from infformer import MEMORY_KINDS, Config, InfFormer
 
 # Vocabulary: symbols 0..19 and the separator. The answer is fed back as 21 + symbol, which
 # SymbolEmbedding turns into the symbol's embedding plus a learned "answering" vector.
 N_SYMBOLS, SEP, ANSWER = 20, 20, 21
 VOCAB = SEP + 1
-KINDS = ["xl", "compressive", "infinite", "sticky"]  # "xl": an STM as long as the others' STM + long-range memory
+KINDS = list(MEMORY_KINDS)  # "xl": an STM as long as the others' STM + long-range memory
 
 CPU_MODEL = dict(d_model=64, n_layers=2, n_heads=4, d_ff=256, dropout=0.0, seg_len=128, mem_len=128, num_basis=128,
                  basis_widths=(0.04, 0.2), num_samples=128, tau=0.75, cmem_len=128, compress_rate=8)
@@ -52,19 +50,12 @@ PRESETS = {
                              compress_rate=4)),
 }
 RISE = 0.05  # the LTM "is used" once zeroing its reads costs 5 points of held-out accuracy
+DIAG_EVERY = 100  # steps between LTM diagnostics
 UNIFORM = sum(1 / k for k in range(1, N_SYMBOLS + 1)) / N_SYMBOLS  # H₂₀/20: a uniform pick among those not given
 
 
 # -----------------------------------------------------------------------------
 # Plumbing that train_lm.py imports too
-
-
-def device(name):
-    """argparse type for --device: an unknown name becomes a usage error, not a traceback."""
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(name) from e
 
 
 def seeded(fn):
@@ -127,20 +118,16 @@ def reset_peak_memory(device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     elif os.path.exists("/proc/self/clear_refs"):  # Linux: restart the peak-RSS count at the current size
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        pathlib.Path("/proc/self/clear_refs").write_text("5")
 
 
 def peak_memory_mb(device):
     """Peak GPU memory allocated on CUDA; on CPU the process's peak resident set (VmHWM)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-    except (OSError, StopIteration):  # not Linux
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    status = pathlib.Path("/proc/self/status")  # Linux; elsewhere not measured (0)
+    lines = status.read_text().splitlines() if status.exists() else []
+    return next((int(line.split()[1]) / 1024 for line in lines if line.startswith("VmHWM")), 0.0)
 
 
 # -----------------------------------------------------------------------------
@@ -222,7 +209,9 @@ def model_config(kind, args):
 
 
 def budget(cfg):
-    long_range = {"xl": "", "compressive": f" + CM {cfg.cmem_len}×{cfg.compress_rate}"}
+    dh = cfg.d_model // cfg.n_heads  # Infini-attention holds H × dh × (dh + 1) numbers per layer
+    long_range = {"xl": "", "compressive": f" + CM {cfg.cmem_len}×{cfg.compress_rate}",
+                  "infini": f" + Infini {cfg.n_heads}×{dh}×{dh + 1}"}
     return f"STM {cfg.mem_len}" + long_range.get(cfg.memory, f" + LTM N={cfg.num_basis}")
 
 
@@ -241,40 +230,29 @@ def evaluate(model, inputs, targets, args, autocast):
     return (logits.argmax(-1) == targets).sum().item() / targets.numel()
 
 
+@seeded
 @torch.no_grad()
-def ltm_reads(model, inputs, args, autocast, ablate=False):
-    """Per LTM layer, Z_STM, Z_LTM (bs, 20, d), μ, σ² (bs, H, 20) at the answers ([] if unread); the logits."""
-    blocks = [b for b in model.blocks if b.read_ltm is not None]
-    stm, ltm = [], []  # every segment's Z_STM and (Z_LTM, μ, σ²), layer after layer
-    hooks = [b.proj.register_forward_hook(lambda m, i, out: stm.append(out)) for b in blocks]
-    hooks += [b.read_ltm.register_forward_hook(lambda m, i, out: ltm.append(out)) for b in blocks]
+def ltm_diagnostics(model, inputs, targets, args, autocast):
+    """On held-out sequences, per LTM layer the mean μ and σ of the 20 answers' reads, and ltm_use: the accuracy
+    lost with every Z_LTM zeroed. None while the LTM is unread (no LTM, or a sequence of under three segments)."""
+    reads = []  # (μ, σ) of every read at the answer positions (the last 20 queries), layer after layer
+    hooks = [b.read_ltm.register_forward_hook(lambda m, i, out: reads.append(
+        [round(t[..., -N_SYMBOLS:].mean().item(), 3) for t in (out[1], out[2].sqrt())])) for b in model.blocks
+        if b.read_ltm is not None]
     model.eval()
-    with ltm_zeroed(model) if ablate else contextlib.nullcontext():  # after the hooks above: recorded, then zeroed
-        logits = target_logits(model, inputs.to(args.device), args.seg_len, autocast)[0].cpu()
-    model.train()
+    accuracy = lambda: (target_logits(model, inputs.to(args.device), args.seg_len, autocast)[0].argmax(-1).cpu()
+                        == targets).float().mean().item()
+    full = accuracy()
     for h in hooks:
         h.remove()
-    if not blocks or len(ltm) < len(blocks):  # no LTM, or never written (a sequence of under three segments)
-        return [], logits
-    last = zip(stm[-len(blocks):], ltm[-len(blocks):])  # the last segment's, which holds the answers
-    return [tuple(t.float().cpu() for t in (z_stm[:, -N_SYMBOLS:], z[:, -N_SYMBOLS:],  # (bs, T, d): T is dim 1
-                                            mu[..., -N_SYMBOLS:], var[..., -N_SYMBOLS:]))  # (bs, H, T): the last
-            for z_stm, (z, mu, var) in last], logits
-
-
-@seeded
-def ltm_diagnostics(model, inputs, targets, args, autocast):
-    """Per layer: ‖Z_LTM‖ / ‖Z_STM‖, mean and spread of μ and σ; ltm_use: accuracy lost with every Z_LTM zero."""
-    reads, logits = ltm_reads(model, inputs, args, autocast)
+    with ltm_zeroed(model):
+        zeroed = accuracy()
+    model.train()
     if not reads:
         return None
-    _, ablated = ltm_reads(model, inputs, args, autocast, ablate=True)
-    accuracy = lambda lg: (lg.argmax(-1) == targets).float().mean().item()
-    spread = lambda t: [round(t.mean().item(), 3), round(t.std().item(), 3)]
-    share = lambda z_stm, z: round((z.norm(dim=-1).mean() / z_stm.norm(dim=-1).mean()).item(), 4)
-    return {"ltm_share": [share(z_stm, z) for z_stm, z, _, _ in reads],
-            "mu": [spread(mu) for _, _, mu, _ in reads], "sigma": [spread(var.sqrt()) for *_, var in reads],
-            "accuracy": round(accuracy(logits), 4), "ltm_use": round(accuracy(logits) - accuracy(ablated), 4)}
+    last = reads[-len(hooks):]  # the last segment's: it holds the answers
+    return {"mu": [mu for mu, _ in last], "sigma": [sigma for _, sigma in last], "accuracy": round(full, 4),
+            "ltm_use": round(full - zeroed, 4)}
 
 
 def count_ranking_accuracy(inputs, targets, window):
@@ -304,8 +282,8 @@ def run_config(cfg, seq_len, seed, args, world):
 def progress(kind, step, args, window, diag, seconds, tokens_per_step):
     """A progress line: mean loss and accuracy since the last one, the latest LTM diagnostics, speed and ETA."""
     loss, acc = (sum(v) / len(window) for v in zip(*window))
-    ltm = (f" | LTM/STM {' '.join(f'{x:.2f}' for x in diag['ltm_share'])} | σ "
-           f"{' '.join(f'{m:.2f}' for m, _ in diag['sigma'])} | LTM use {100 * diag['ltm_use']:+.1f} pts" if diag else "")
+    ltm = (f" | μ {' '.join(f'{m:.2f}' for m in diag['mu'])} | σ {' '.join(f'{s:.2f}' for s in diag['sigma'])} | "
+           f"LTM use {100 * diag['ltm_use']:+.1f} pts" if diag else "")
     return (f"{kind} step {step}/{args.steps} | loss {loss:.3f} | acc {acc:.3f}{ltm} | "
             f"{tokens_per_step * step / seconds:,.0f} tok/s | ETA {seconds / step * (args.steps - step) / 60:.1f} min")
 
@@ -323,7 +301,7 @@ def train(kind, seq_len, seed, args, valid_set, test_set, rank, world):
     tokens_per_step = args.batch_size * (seq_len + N_SYMBOLS) * world
     reset_peak_memory(device)
     print(f"== {kind} ({budget(cfg)}), S = {seq_len}, seed {seed}: {sum(p.numel() for p in model.parameters()):,} "
-          f"parameters, {args.steps} steps of {args.batch_size}×{world} sequences", flush=True)
+          "parameters", flush=True)
     start = last_log = time.time()
     # time spent on diagnostics (kept out of tokens/s); (loss, accuracy) since the last progress line; LTM diagnostics
     diag_seconds, window, history = 0.0, [], []
@@ -338,7 +316,7 @@ def train(kind, seq_len, seed, args, valid_set, test_set, rank, world):
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
         window.append((loss.item(), (logits.argmax(-1) == targets).float().mean().item()))
-        if rank == 0 and kind in ("infinite", "sticky") and ((step + 1) % args.diag_every == 0 or step == 0):
+        if rank == 0 and kind in ("infinite", "sticky") and ((step + 1) % DIAG_EVERY == 0 or step == 0):
             t0 = time.time()
             diag = ltm_diagnostics(model, *probe, args, autocast)
             history += [{"step": step + 1, **diag}] if diag else []
@@ -357,11 +335,9 @@ def train(kind, seq_len, seed, args, valid_set, test_set, rank, world):
               "valid_accuracy": round(valid_accuracy, 4), "test_accuracy": round(accuracy, 4),
               "tokens_per_second": round(tokens_per_step * args.steps / train_seconds),
               "peak_memory_mb": round(peak_memory_mb(device), 1), "minutes": round((time.time() - start) / 60, 2),
-              "config": {**run_config(cfg, seq_len, seed, args, world), "device": str(device)}}
-    if history:
-        result.update(ltm_rise_step=rise, ltm_diagnostics=history)
-    print(f"{kind}, S = {seq_len}, seed {seed}: valid accuracy {valid_accuracy:.3f}, test accuracy {accuracy:.3f} "
-          f"({len(test_set[0])} held-out sequences each)"
+              "config": {**run_config(cfg, seq_len, seed, args, world), "device": str(device)},
+              **({"ltm_rise_step": rise, "ltm_diagnostics": history} if history else {})}
+    print(f"{kind}, S = {seq_len}, seed {seed}: valid accuracy {valid_accuracy:.3f}, test accuracy {accuracy:.3f}"
           + (f"; the LTM is used (+{100 * RISE:.0f} pts) from step {rise}" if rise else ""), flush=True)
     return result
 
@@ -378,10 +354,9 @@ def summary(results, args, test_sets):
     for seq_len in sorted({r["seq_len"] for r in results}):
         rows = [r for r in results if r["seq_len"] == seq_len]
         counting = count_ranking_accuracy(*test_sets[seq_len], window)
-        lines += [f"\nS = {seq_len} (reference levels: uniform among the symbols not yet given {UNIFORM:.3f}; counting "
-                  f"the last {window} tokens, as far back as xl reaches, {counting:.3f})\n",
-                  "| memory | budget | seeds | test accuracy (mean) | min–max | valid accuracy (mean) "
-                  "| minutes (mean) |", "|---|---|---|---|---|---|---|"]
+        lines += [f"\nS = {seq_len} (reference levels: uniform among the symbols not yet given {UNIFORM:.3f}; "
+                  f"counting the last {window} tokens, xl's reach, {counting:.3f})\n", "| memory | budget | seeds | "
+                  "test accuracy (mean) | min–max | valid accuracy (mean) | minutes (mean) |", "|---|---|---|---|---|---|---|"]
         for kind in dict.fromkeys(r["memory"] for r in rows):
             runs = [r for r in rows if r["memory"] == kind]
             acc = [r["test_accuracy"] for r in runs]
@@ -423,7 +398,7 @@ def common_args(p, presets, out):
     p.add_argument("--preset", choices=sorted(presets), default="cpu", help="model and training setting (default cpu)")
     p.add_argument("--batch-size", type=int, help="sequences (streams) per step and process (default: the preset's)")
     p.add_argument("--dtype", choices=["float32", "bf16"], help="bf16: autocast, the LTM math in float32 (CUDA default)")
-    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--out", default=out, help=f"folder for the results (default {out})")
     p.add_argument("--log-seconds", type=float, default=5.0, help="seconds between progress lines (default 5)")
@@ -437,6 +412,10 @@ def parse(p, argv, presets, positive):
         value = getattr(args, name)
         if value is not None and not min(value if isinstance(value, list) else [value]) > 0:
             p.error(f"--{name.replace('_', '-')} must be {'at least 1' if type(value) in (int, list) else 'positive'}")
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device}: not a device (cpu, cuda, cuda:1, ...)")
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available on this machine")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -452,9 +431,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", "--seeds", type=int, nargs="+", default=[0], help="seeds, each its own run (default 0)")
     p.add_argument("--steps", type=int, help="training steps (preset: cpu 2000, sweep 1500, paper 20000)")
     p.add_argument("--eval-size", type=int, default=512, help="held-out sequences, valid and test each (default 512)")
-    p.add_argument("--diag-every", type=int, default=100, help="steps between LTM diagnostics (default 100)")
     common_args(p, PRESETS, "runs/sort")
-    args = parse(p, argv, PRESETS, ["steps", "batch_size", "eval_size", "diag_every", "seq_len"])
+    args = parse(p, argv, PRESETS, ["steps", "batch_size", "eval_size", "seq_len"])
     args.warmup, args.seg_len = min(args.warmup, args.steps), args.model["seg_len"]
     args.kinds = list(dict.fromkeys(k for m in args.memory for k in (KINDS if m == "all" else [m])))
     return args
@@ -465,8 +443,7 @@ def load_results(path):
     if not os.path.exists(path):
         return []
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(pathlib.Path(path).read_text())
     except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         print(f"train_sort.py: error: {path} is damaged ({e}); repair or move it, it was left as is", file=sys.stderr)
         sys.exit(2)
@@ -487,8 +464,7 @@ def main(argv=None):
                 old = finished.get((kind, seq_len, seed))
                 cfg = run_config(model_config(kind, args), seq_len, seed, args, world)
                 if old and {k: v for k, v in old["config"].items() if k != "device"} == cfg:
-                    print(f"== {kind}, S = {seq_len}, seed {seed}: done before, test accuracy "
-                          f"{old['test_accuracy']:.3f} (from {path})", flush=True)
+                    print(f"== {kind}, S = {seq_len}, seed {seed}: done before, test accuracy {old['test_accuracy']:.3f}")
                     continue
                 result = train(kind, seq_len, seed, args, valid_set, test_sets[seq_len], rank, world)
                 if rank == 0:  # after every run: an interruption loses at most the one running
