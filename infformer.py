@@ -451,8 +451,9 @@ class InfFormer(nn.Module):
         """A fresh, empty memory for batch_size streams, on the model's device."""
         w = self.ln_f.weight  # the device and dtype of the model
         empty = lambda: [w.new_zeros(batch_size, 0, self.cfg.d_model) for _ in self.blocks]
-        infini = [w.new_zeros(batch_size, b.n_heads, b.d_head, b.d_head + 1, dtype=torch.float32) for b in self.blocks]
-        return Memory(empty(), empty(), infini if self.cfg.memory == "infini" else empty())
+        ltm = ([w.new_zeros(batch_size, b.n_heads, b.d_head, b.d_head + 1, dtype=torch.float32) for b in self.blocks]
+               if self.cfg.memory == "infini" else empty())  # infini: [M z], float32 whatever the model's dtype
+        return Memory(empty(), empty(), ltm)
 
     def reset_memory(self, memory, done):
         """done (bs,) bool: the streams where it is True continue exactly as from init_memory (on a segment

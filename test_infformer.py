@@ -859,8 +859,9 @@ def test_ltm_diagnostics_read_the_answer_positions():
     model = train_sort.make_model(cfg)
     with torch.no_grad():  # answers that depend on the reads
         model.head.weight.normal_(0, 1)
-        for block in model.blocks:
+        for block in model.blocks:  # and reads whose μ, σ differ from query to query
             block.read_ltm.proj.weight.normal_(0, 1)
+            block.read_ltm.w_mu_var.weight.normal_(0, 300)
     reads = []
     hook = model.blocks[1].read_ltm.register_forward_hook(lambda m, i, out: reads.append(out))
     inputs, targets = train_sort.make_batch(8, 100, torch.Generator().manual_seed(0))

@@ -235,10 +235,9 @@ def evaluate(model, inputs, targets, args, autocast):
 def ltm_diagnostics(model, inputs, targets, args, autocast):
     """On held-out sequences, per LTM layer the mean μ and σ of the 20 answers' reads, and ltm_use: the accuracy
     lost with every Z_LTM zeroed. None while the LTM is unread (no LTM, or a sequence of under three segments)."""
-    reads = []  # (μ, σ) of every read at the answer positions (the last 20 queries), layer after layer
-    hooks = [b.read_ltm.register_forward_hook(lambda m, i, out: reads.append(
-        [round(t[..., -N_SYMBOLS:].mean().item(), 3) for t in (out[1], out[2].sqrt())])) for b in model.blocks
-        if b.read_ltm is not None]
+    reads = []  # (μ, σ²) of every read, layer after layer
+    hooks = [b.read_ltm.register_forward_hook(lambda m, i, out: reads.append(out[1:])) for b in model.blocks
+             if b.read_ltm is not None]
     model.eval()
     accuracy = lambda: (target_logits(model, inputs.to(args.device), args.seg_len, autocast)[0].argmax(-1).cpu()
                         == targets).float().mean().item()
@@ -250,9 +249,10 @@ def ltm_diagnostics(model, inputs, targets, args, autocast):
     model.train()
     if not reads:
         return None
-    last = reads[-len(hooks):]  # the last segment's: it holds the answers
-    return {"mu": [mu for mu, _ in last], "sigma": [sigma for _, sigma in last], "accuracy": round(full, 4),
-            "ltm_use": round(full - zeroed, 4)}
+    at_answers = lambda t: round(t[..., -N_SYMBOLS:].mean().item(), 3)  # the last 20 queries: the answers
+    last = reads[-len(hooks):]  # the last segment's reads: it holds the answers
+    return {"mu": [at_answers(mu) for mu, _ in last], "sigma": [at_answers(var.sqrt()) for _, var in last],
+            "accuracy": round(full, 4), "ltm_use": round(full - zeroed, 4)}
 
 
 def count_ranking_accuracy(inputs, targets, window):
