@@ -1065,17 +1065,6 @@ def test_vocabulary_eos_and_unk(corpus):
     assert data["valid"].tolist() == expected and valid_words.count("zebra") > 0
 
 
-def test_token_cache_is_reused_and_rebuilt_when_files_change(corpus, tmp_path, capsys):
-    train_lm.load_corpus(str(corpus), str(tmp_path))
-    assert "tokenising" in capsys.readouterr().out and (corpus / "infformer-cache.pt").exists()
-    _, data = train_lm.load_corpus(str(corpus), str(tmp_path))
-    assert "token ids from" in capsys.readouterr().out
-    with open(corpus / "wiki.test.tokens", "a") as f:
-        f.write(" w1 w2 \n")
-    _, data2 = train_lm.load_corpus(str(corpus), str(tmp_path))
-    assert "tokenising" in capsys.readouterr().out and len(data2["test"]) == len(data["test"]) + 3
-
-
 def untrained_perplexity(r, data, docs):
     cfg = Config(**{k: r["config"][k] for k in Config.__dataclass_fields__})
     torch.manual_seed(r["config"]["seed"])
@@ -1372,7 +1361,7 @@ def test_two_process_torchrun_on_cpu(kind, corpus, tmp_path):
     r = json.loads((tmp_path / "ddp" / "results.json").read_text())
     assert r["config"]["world_size"] == 2 and r["steps"] == 4
     ckpt = torch.load(tmp_path / "ddp" / "ckpt.pt")
-    assert len(ckpt["memory"]) == 2 and len(ckpt["pos"]) == 2  # both ranks' memories are saved
+    assert len(ckpt["ranks"]) == 2  # both ranks' memory, stream position and RNG are saved
     assert [s for s, _ in r["valid_history"]] == [2, 4]  # rank 0 validates while the other waits
     assert proc.stdout.count("valid ppl") == 3  # only rank 0 evaluates and logs: steps 2 and 4, the end
 
@@ -1513,9 +1502,8 @@ def test_generate_from_a_checkpoint_alone_in_a_fresh_process(corpus, tmp_path, c
     text = proc.stdout[:-1]  # print's newline
     assert text.startswith("w1 <unk> w2 ") and len(text.split()) + text.count("\n") == 3 + 40  # <eos>: a line break
     assert set(text.split()) <= set(vocab) - {"<eos>"}
-    train_lm.cli(argv + ["--seed", "1", "--log-seconds", "0"])
-    out, err = capsys.readouterr()
-    assert out == proc.stdout and "40/40 words" in err  # the progress line
+    train_lm.cli(argv + ["--seed", "1"])
+    assert capsys.readouterr().out == proc.stdout
     train_lm.cli(argv + ["--seed", "2"])
     assert capsys.readouterr().out != proc.stdout
 

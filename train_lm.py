@@ -7,11 +7,10 @@
 
 Each document (a ` = Title = ` line starts one) starts from an empty memory; --no-reset carries it across, as
 Transformer-XL on WikiText-103. Checkpoints hold the vocabulary: load_model(path) and --generate need no data.
-Departures from Transformer-XL: PyTorch's adaptive softmax, tied to the embedding (a projection per tail cluster,
-no output biases); AdamW with weight decay 0.01 on every parameter (Transformer-XL: Adam, no weight decay).
 """
 import argparse
 import array
+import itertools
 import math
 import os
 import re
@@ -27,8 +26,6 @@ import torch.nn as nn
 from infformer import Config, InfFormer
 from train_sort import (KINDS, atomic_save, common_args, init_distributed, lr_at, ltm_zeroed, parse, peak_memory_mb,
                         seeded)  # the shared plumbing
-
-CACHE_VERSION = 2  # 2: with the document starts
 
 PRESETS = {
     # Trains in minutes on a laptop CPU.
@@ -69,8 +66,8 @@ def read_ids(path, index, grow):
     with open(path, encoding="utf-8", errors="surrogateescape") as f:  # a byte that is not UTF-8: \udc80–\udcff
         for number, line in enumerate(f, 1):
             if bad := re.search("[\udc80-\udcff]", line):
-                raise UserError(f"{path}, line {number}: not UTF-8 text (byte "
-                                f"{bad[0].encode(errors='surrogateescape')!r}); WikiText files are UTF-8")
+                byte = bad[0].encode(errors="surrogateescape")
+                raise UserError(f"{path}, line {number}: not UTF-8 text (byte {byte!r})")
             words = line.split() + ["<eos>"]
             if len(words) >= 4 and words[0] == words[-2] == "=" and words[1] != "=":  # ` = Title = `, not ` = = `
                 starts.append(len(ids))
@@ -80,6 +77,7 @@ def read_ids(path, index, grow):
 
 def tokenize(paths):
     """Vocabulary by training frequency, ties first seen first (the adaptive softmax needs frequent words first)."""
+    print(f"tokenising {os.path.dirname(paths['train'])} ...", flush=True)  # here ~1 s per million words
     index = {"<eos>": 0}
     train, train_docs = read_ids(paths["train"], index, grow=True)
     index.setdefault("<unk>", len(index))
@@ -88,24 +86,6 @@ def tokenize(paths):
     data = {"train": new_id[train.long()].int(), "train_docs": train_docs}
     for split in ("valid", "test"):  # split_docs: where its documents start
         data[split], data[f"{split}_docs"] = read_ids(paths[split], {w: i for i, w in enumerate(vocab)}, grow=False)
-    return vocab, data
-
-
-def load_corpus(data_dir, out_dir):
-    """Token ids per split, from the cache beside the data (or in out_dir) when it matches the files."""
-    paths = split_paths(data_dir)
-    fingerprint = [(os.path.basename(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths.values()]
-    cache = os.path.join(data_dir if os.access(data_dir, os.W_OK) else out_dir, "infformer-cache.pt")
-    try:
-        saved = torch.load(cache)
-        if saved["version"] == CACHE_VERSION and saved["fingerprint"] == fingerprint:
-            print(f"token ids from {cache}", flush=True)
-            return saved["vocab"], saved["data"]
-    except Exception:  # none yet, or unreadable: build it
-        pass
-    print(f"tokenising {data_dir} (cached in {cache}) ...", flush=True)
-    vocab, data = tokenize(paths)
-    atomic_save({"version": CACHE_VERSION, "fingerprint": fingerprint, "vocab": vocab, "data": data}, cache)
     return vocab, data
 
 
@@ -169,6 +149,8 @@ class LanguageModel(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.body = InfFormer(cfg)  # cfg.lm_head is False: it returns hidden states
+        # PyTorch's adaptive softmax, tied to the embedding; unlike Transformer-XL's, a projection per tail
+        # cluster and no output biases.
         self.softmax = nn.AdaptiveLogSoftmaxWithLoss(cfg.d_model, cfg.vocab_size, scaled_cutoffs(cfg.vocab_size),
                                                      div_value=1.0)  # every cluster d_model wide: tied below
         self.body.tok_emb = TiedEmbedding(self.softmax)
@@ -196,13 +178,13 @@ def perplexity(model, ids, n_streams, seg_len, device, autocast, doc_starts=None
     model.eval()
     n = len(ids) - 1  # (input, target) pairs
     length = math.ceil(n / n_streams)
-    queues = [[(min(r * length, n), min(r * length + length, n))] for r in range(n_streams)]
-    if doc_starts is not None:  # each document to the shortest queue
-        queues, sizes = [[] for _ in range(n_streams)], [0] * n_streams
-        for a, b in documents(0, n, doc_starts):
-            r = sizes.index(min(sizes))
-            queues[r].append((a, b))
-            sizes[r] += math.ceil((b - a) / seg_len)
+    pieces = documents(0, n, doc_starts) if doc_starts is not None else [(a, min(a + length, n))
+                                                                         for a in range(0, n, length)]
+    queues, sizes = [[] for _ in range(n_streams)], [0] * n_streams
+    for a, b in pieces:  # each to the shortest queue (without documents: piece r to queue r)
+        r = sizes.index(min(sizes))
+        queues[r].append((a, b))
+        sizes[r] += math.ceil((b - a) / seg_len)
     inputs, targets, mask, first = pack(ids, queues, 1 if doc_starts is None else seg_len)
     memory, total = None, 0.0
     for i in range(0, inputs.size(1), seg_len):
@@ -247,16 +229,13 @@ def portable(r):
 
 def save_checkpoint(r, path):
     """Every rank's memory, stream position and RNG go to rank 0, which writes the file."""
-    r.saved_at = r.step
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}  # cuda: [] without a GPU
-    states = [(r.memory.to("cpu"), r.pos, rng)] * r.world  # each rank's own, gathered under DDP
+    states = [(r.memory.to("cpu"), r.pos, rng)] * r.world  # each rank's memory, position, RNG: gathered under DDP
     if r.world > 1:
         dist.gather_object(states[0], states if r.rank == 0 else None, dst=0)
     if r.rank == 0:
-        memory, positions, rngs = zip(*states)
-        atomic_save({**portable(r), "optimizer": r.opt.state_dict(), "step": r.step, "pos": list(positions),
-                     "memory": list(memory), "rng": list(rngs), "history": r.history,
-                     "minutes": r.minutes_before + (time.time() - r.start) / 60}, path)
+        atomic_save({**portable(r), "optimizer": r.opt.state_dict(), "step": r.step, "ranks": states,
+                     "history": r.history, "minutes": r.minutes_before + (time.time() - r.start) / 60}, path)
 
 
 # -----------------------------------------------------------------------------
@@ -298,24 +277,19 @@ def parse_args(argv=None):
 
 def setup(args):
     """This process's data, model, optimizer and run state (step, pos: where the next segment starts, memory...)."""
-    r = SimpleNamespace(args=args, step=0, pos=0, history=[], minutes_before=0.0, eval_seconds=0.0, saved_at=None)
+    r = SimpleNamespace(args=args, step=0, pos=0, history=[], minutes_before=0.0, eval_seconds=0.0)
     r.rank, r.world, r.device = init_distributed(args.device)
     os.makedirs(args.out, exist_ok=True)
-    if r.rank > 0:  # rank 0 tokenises (or loads the cache) first, then the others read the cache
-        dist.barrier()
-    r.vocab, r.data = load_corpus(args.data, args.out)
-    if r.rank == 0 and r.world > 1:
-        dist.barrier()
+    r.vocab, r.data = tokenize(split_paths(args.data))
     n, train = args.batch_size * r.world, r.data["train"]
     if len(train) < 2 * n:
         raise UserError(f"{args.data}: the training split has {len(train)} tokens, too few for {n} streams")
     streams = train_streams(train, r.data["train_docs"], n, args.model["seg_len"], args.reset)
     r.streams = tuple(t[r.rank * args.batch_size:(r.rank + 1) * args.batch_size] for t in streams)  # this rank's
     r.cfg = Config(vocab_size=len(r.vocab), memory=args.memory, lm_head=False, **args.model)
-    r.settings = {**vars(r.cfg), "batch_size": args.batch_size, "world_size": r.world,
-                  "max_steps": args.max_steps, "lr": args.lr, "warmup": args.warmup, "clip": args.clip,
-                  "seed": args.seed, "train_tokens": len(train), "reset": args.reset}  # what --resume must match
-    ckpt = read_checkpoint(args.resume, ("run", "optimizer", "memory"), "--resume ") if args.resume else None
+    r.settings = {**vars(r.cfg), "world_size": r.world, "train_tokens": len(train),  # what --resume must match
+                  **{k: getattr(args, k) for k in ("batch_size", "max_steps", "lr", "warmup", "clip", "seed", "reset")}}
+    ckpt = read_checkpoint(args.resume, ("run", "optimizer", "ranks"), "--resume ") if args.resume else None
     diff = [f"{k} {ckpt['run'].get(k)!r} (now {v!r})" for k, v in r.settings.items() if ckpt and ckpt["run"].get(k) != v]
     if diff:
         raise UserError(f"--resume {args.resume} was written for another configuration: " + ", ".join(diff))
@@ -324,14 +298,16 @@ def setup(args):
     # Under DDP some parameters get no gradient in a step: the adaptive softmax skips a tail cluster
     # when no target of the batch falls in it, and the LTM is unused while its memory is empty.
     r.ddp = nn.parallel.DistributedDataParallel(r.model, find_unused_parameters=True) if r.world > 1 else r.model
+    # AdamW, weight decay 0.01 on every parameter (Transformer-XL: Adam, no weight decay).
     r.opt = torch.optim.AdamW(r.model.parameters(), lr=args.lr, weight_decay=0.01)
     r.autocast = torch.autocast(r.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     r.memory = r.model.body.init_memory(args.batch_size)
     if ckpt:
         r.model.load_state_dict(ckpt["model"])
         r.opt.load_state_dict(ckpt["optimizer"])
-        r.step, r.pos, r.minutes_before, r.history = ckpt["step"], ckpt["pos"][r.rank], ckpt["minutes"], ckpt["history"]
-        r.memory, rng = ckpt["memory"][r.rank].to(r.device), ckpt["rng"][r.rank]
+        r.step, r.minutes_before, r.history = ckpt["step"], ckpt["minutes"], ckpt["history"]
+        memory, r.pos, rng = ckpt["ranks"][r.rank]
+        r.memory = memory.to(r.device)
         torch.set_rng_state(rng["cpu"])
         torch.cuda.set_rng_state_all(rng["cuda"])
         print(f"resumed from {args.resume} at step {r.step}")
@@ -401,7 +377,7 @@ def train(r):
         if args.eval_every and not interrupted and (r.step % args.eval_every == 0 or r.step == args.max_steps
                                                     or out_of_time):
             validate(r)
-        if r.step % args.save_every == 0 or interrupted or out_of_time:
+        if r.step % args.save_every == 0 or r.step == args.max_steps or interrupted or out_of_time:
             save_checkpoint(r, ckpt_path)
         if interrupted:
             print(f"interrupted at step {r.step}: saved {ckpt_path}; continue with --resume {ckpt_path}", flush=True)
@@ -411,8 +387,6 @@ def train(r):
         if out_of_time:
             print(f"--max-minutes {args.max_minutes} reached at step {r.step}")
             break
-    if r.saved_at != r.step:
-        save_checkpoint(r, ckpt_path)  # the final state
     for s, h in handlers.items():
         signal.signal(s, h)
     return loss, r.step - first_step, time.time() - r.start - r.eval_seconds
@@ -456,7 +430,7 @@ def main(args):
 
 
 def generate(args):
-    """--generate: the prompt and args.tokens sampled words on stdout (<eos> as a line break), progress on stderr."""
+    """--generate: the prompt and args.tokens sampled words on stdout, <eos> as a line break."""
     model, vocab = load_model(args.generate, args.device)
     index = {w: i for i, w in enumerate(vocab)}
     words = args.prompt.split()
@@ -466,15 +440,11 @@ def generate(args):
     torch.manual_seed(args.seed)  # for sticky's memory writes; the words are drawn from a generator of their own
     steps = model.body.generate(torch.tensor([ids], device=args.device), args.tokens, model.softmax.log_prob,
                                 args.temperature, args.top_k, seed=args.seed)
-    sampled, start, last_log = [], time.time(), time.time()  # a progress line every --log-seconds: long outputs only
-    for token, _ in steps:
-        sampled.append(token.item())
-        if time.time() - last_log >= args.log_seconds:
-            print(f"{len(sampled):,}/{args.tokens:,} words, {1000 * (time.time() - start) / len(sampled):.1f} ms "
-                  "per word", file=sys.stderr, flush=True)
-            last_log = time.time()
-    lines = " ".join(vocab[i] for i in ids[1:] + sampled).split("<eos>")
-    print("\n".join(" ".join(line.split()) for line in lines))
+    line_start = True  # each word printed as it is drawn: the text is its own progress line
+    for i in itertools.chain(ids[1:], (token.item() for token, _ in steps)):
+        print("\n" if vocab[i] == "<eos>" else " " * (not line_start) + vocab[i], end="", flush=True)
+        line_start = vocab[i] == "<eos>"
+    print()
 
 
 def cli(argv=None):
