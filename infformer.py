@@ -85,9 +85,14 @@ def ridge_matrix(t, centers, widths, ridge):
 
 
 def gaussian_expectation(mu, var, centers, widths):
-    """E_{N(μ,σ²)}[ψ(t)] = N(μ; c_j, σ² + w_j²), shape mu.shape + (N,)."""
-    precision = 1 / (var.unsqueeze(-1) + widths**2)  # 1 / (σ² + w_j²): one division, then products
-    return torch.exp(-0.5 * (mu.unsqueeze(-1) - centers) ** 2 * precision) * torch.sqrt(precision / (2 * math.pi))
+    """E_{N(μ,σ²)}[ψ(t)] = N(μ; c_j, σ² + w_j²), shape mu.shape + (N,): each of C centres with each of K widths."""
+    # This read is most of the ∞-former's cost over Transformer-XL, so everything but one multiply-add and
+    # one exp is computed per centre or per width, not per basis function:
+    # N(μ; c, σ² + w²) = exp(−½ (μ − c)² p + ½ log(p / 2π)), with p = 1 / (σ² + w²).
+    p = 1 / (var.unsqueeze(-1) + widths**2)  # (..., K)
+    sq = (mu.unsqueeze(-1) - centers) ** 2  # (μ − c)²  (..., C)
+    log_norm = 0.5 * torch.log(p / (2 * math.pi))
+    return torch.addcmul(log_norm.unsqueeze(-2), sq.unsqueeze(-1), -0.5 * p.unsqueeze(-2)).exp().flatten(-2)
 
 
 VAR_MIN = 1e-4  # σ² floor: softplus underflows to 0, and a zero-width Gaussian has an infinite KL and density
@@ -116,9 +121,9 @@ class ContinuousAttention(Float32Constants):
         self.v = nn.Linear(cfg.d_model, cfg.d_model, bias=False)  # V = B W_V
         self.w_mu_var = nn.Linear(cfg.num_basis, 2)  # rows w_μ and w_σ, shared by the heads (as the authors do)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        centers, widths = basis_functions(cfg.num_basis, cfg.basis_widths)
-        self.register_buffer("centers", centers, persistent=False)
-        self.register_buffer("widths", widths, persistent=False)
+        # The basis's C centres and K widths, each centre with each width as basis_functions pairs them.
+        self.register_buffer("centers", torch.linspace(0, 1, cfg.num_basis // len(cfg.basis_widths)), persistent=False)
+        self.register_buffer("widths", torch.tensor(cfg.basis_widths), persistent=False)
 
     def forward(self, q, coeffs):
         """q (bs, H, T, dh) queries; coeffs (bs, N, d) the memory's B. Returns Z_LTM (bs, T, d), μ, σ² (bs, H, T)."""
@@ -219,9 +224,9 @@ def sticky_positions(mu, var, num_bins, num_samples):
     mu, var (bs, ...): bin b gets the mass Σ_heads,queries Φ((e_{b+1} − μ)/σ) − Φ((e_b − μ)/σ); a bin is
     drawn from the normalised histogram, then a uniform offset inside it."""
     edges = torch.linspace(0, 1, num_bins + 1, device=mu.device, dtype=mu.dtype)
-    z = (edges - mu.flatten(1).unsqueeze(-1)) / torch.sqrt(2 * var.flatten(1).unsqueeze(-1))
-    cdf = 0.5 * (1 + torch.erf(z))  # Φ at every edge, for every density  (bs, H*T, D+1)
-    mass = cdf.diff(dim=-1).sum(1)  # (bs, D)
+    z = (edges - mu.flatten(1).unsqueeze(-1)) * torch.rsqrt(2 * var.flatten(1).unsqueeze(-1))  # (bs, H*T, D+1)
+    # Φ(z) = ½ (1 + erf(z)): the sum over the densities goes first, and the ½ and 1 cancel in the difference
+    mass = 0.5 * torch.erf(z).sum(1).diff(dim=-1)  # (bs, D)
     bins = torch.multinomial(mass, num_samples, replacement=True)  # (bs, M)
     positions = (bins + torch.rand(bins.shape, device=mu.device, dtype=mu.dtype)) / num_bins
     return positions.sort(-1).values

@@ -75,10 +75,11 @@ def test_ridge_fit_is_a_low_pass_filter():
 
 
 def test_gaussian_expectation_equals_numerical_integration():
-    centers, widths = basis_functions(12, (0.03, 0.15), torch.float64)
+    centers, widths = basis_functions(12, (0.03, 0.15), torch.float64)  # the 12 pairs, in order
     mu = torch.tensor([0.1, 0.5, 0.93], dtype=torch.float64)
     var = torch.tensor([0.01, 0.0004, 0.09], dtype=torch.float64)
-    r = gaussian_expectation(mu, var, centers, widths)
+    r = gaussian_expectation(mu, var, torch.linspace(0, 1, 6, dtype=torch.float64),
+                             torch.tensor([0.03, 0.15], dtype=torch.float64))  # its 6 centres and 2 widths
     assert r.shape == (3, 12)
     t = torch.linspace(-3, 4, 400_001, dtype=torch.float64)  # the Gaussians are negligible outside
     psi = basis_at(t, centers, widths)  # (T, N)
@@ -94,7 +95,8 @@ def test_gaussian_expectation_gradient_equals_the_integral_of_the_density_deriva
     centers, widths = basis_functions(8, (0.05, 0.2), torch.float64)
     mu = torch.tensor([0.2, 0.7], dtype=torch.float64, requires_grad=True)
     var = torch.tensor([0.01, 0.05], dtype=torch.float64, requires_grad=True)
-    d_mu, d_var = torch.autograd.functional.jacobian(lambda m, v: gaussian_expectation(m, v, centers, widths),
+    grid, w = torch.linspace(0, 1, 4, dtype=torch.float64), torch.tensor([0.05, 0.2], dtype=torch.float64)
+    d_mu, d_var = torch.autograd.functional.jacobian(lambda m, v: gaussian_expectation(m, v, grid, w),
                                                      (mu, var))  # each (2, N, 2)
     t = torch.linspace(-3, 4, 200_001, dtype=torch.float64)
     psi = basis_at(t, centers, widths)  # (T, N)
@@ -135,8 +137,9 @@ def test_continuous_attention_matches_the_papers_formula():
     var_ref = torch.nn.functional.softplus(s @ w[1] + b[1]).clamp_min(1e-4)
     torch.testing.assert_close(mu, mu_ref)
     torch.testing.assert_close(var, var_ref)
-    r = torch.exp(-((mu_ref[..., None] - att.centers) ** 2) / (2 * (var_ref[..., None] + att.widths**2)))
-    r = r / torch.sqrt(2 * math.pi * (var_ref[..., None] + att.widths**2))
+    c, w = basis_functions(8, (0.1, 0.3), torch.float64)
+    r = torch.exp(-((mu_ref[..., None] - c) ** 2) / (2 * (var_ref[..., None] + w**2)))
+    r = r / torch.sqrt(2 * math.pi * (var_ref[..., None] + w**2))
     z_ref = (r @ V).transpose(1, 2).reshape(3, 5, 16) @ att.proj.weight.T
     torch.testing.assert_close(z, z_ref)
 
@@ -892,10 +895,9 @@ def test_count_ranking_reference_matches_brute_force():
     assert train_sort.count_ranking_accuracy(inputs, targets, 300) == 1.0  # all the counts give the answer
 
 
-def test_train_sort_sweeps_lengths_and_seeds_and_continues_where_it_stopped(tmp_path, monkeypatch, capsys):
+def test_train_sort_sweeps_lengths_and_seeds_and_continues_where_it_stopped(tmp_path, capsys):
     """Every (memory, S, seed) is one row of results.json, with its own budget; rerun with one more
     length, the finished runs are reused. S = 1 and S = 100 (shorter than a segment) run."""
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as on a machine without matplotlib
     argv = ["--steps", "1", "--seeds", "0", "1", "--batch-size", "2", "--eval-size", "2",
             "--memory", "all", "xl-stm", "--out", str(tmp_path), "--log-seconds", "0"]
     train_sort.main(argv + ["--seq-len", "1", "100"])
@@ -911,7 +913,7 @@ def test_train_sort_sweeps_lengths_and_seeds_and_continues_where_it_stopped(tmp_
     assert cfg["xl-stm"]["mem_len"] == cfg["infinite"]["mem_len"] and cfg["xl-stm"]["memory"] == "xl"
     assert cfg["compressive"]["cmem_len"] == cfg["infinite"]["num_basis"]
     out = capsys.readouterr().out
-    assert "S = 1 (" in out and "S = 100 (" in out and "| xl-stm | STM 128 | 2 |" in out and "plot skipped" in out
+    assert "S = 1 (" in out and "S = 100 (" in out and "| xl-stm | STM 128 | 2 |" in out
     train_sort.main(argv + ["--seq-len", "1", "100", "40"])
     again = json.loads((tmp_path / "results.json").read_text())
     assert [r for r in again if r["seq_len"] != 40] == results and len(again) == len(results) + 2 * (len(KINDS) + 1)
@@ -921,7 +923,6 @@ def test_train_sort_sweeps_lengths_and_seeds_and_continues_where_it_stopped(tmp_
 def test_sort_diagnostics_leave_the_training_alone(tmp_path, monkeypatch):
     """Sticky sampling draws random numbers: the diagnostics' forward passes must not shift the
     training's random stream, so step 4 looks the same however often they ran before it."""
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
     diags = []
     for every in (1, 4):
         monkeypatch.setattr(train_sort, "DIAG_EVERY", every)
@@ -942,7 +943,6 @@ def test_a_damaged_results_file_stops_the_run_and_is_kept(tmp_path, capsys):
 
 
 def test_a_finished_run_is_reused_only_with_the_same_eval_size_and_code(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
     argv = ["--memory", "xl", "--steps", "1", "--seq-len", "1", "--batch-size", "2", "--out", str(tmp_path)]
     runs = lambda *extra: (train_sort.main(argv + list(extra)), capsys.readouterr().out.count("done before"))[1]
     assert runs("--eval-size", "2") == 0
@@ -958,7 +958,6 @@ def test_a_finished_run_is_reused_only_with_the_same_eval_size_and_code(tmp_path
 def test_train_sort_evaluates_on_held_out_sequences(tmp_path, monkeypatch):
     """valid_accuracy and test_accuracy are measured on the sequences of the held-out seeds 4·seed + 3
     and 4·seed + 1, none of which training saw; the test accuracy reported is the one on the test set."""
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
     trained, evaluated = [], []
     target_logits, evaluate = train_sort.target_logits, train_sort.evaluate
 
@@ -1145,7 +1144,6 @@ def test_both_scripts_train_and_evaluate_under_cpu_bf16_autocast(kind, corpus, t
         assert r["config"]["dtype"] == "bf16" and math.isfinite(r["valid_ppl"]) and math.isfinite(r["test_ppl"])
         assert seen >= {(True, torch.bfloat16), (False, torch.bfloat16)}  # in training and in evaluation
         seen.clear()
-        monkeypatch.setitem(sys.modules, "matplotlib", None)
         monkeypatch.setattr(train_sort, "DIAG_EVERY", 1)
         train_sort.main(["--memory", kind, "--steps", "2", "--seq-len", "300", "--batch-size", "2", "--eval-size", "2",
                          "--dtype", "bf16", "--out", str(tmp_path / "sort"), "--log-seconds", "0"])
@@ -1233,7 +1231,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(kind, corpus, t
     assert a["evaluated"] == "best" and a["evaluated_step"] == b["evaluated_step"]
 
 
-def test_eval_every_keeps_and_evaluates_the_best_weights(corpus, tmp_path, monkeypatch):
+def test_eval_every_keeps_and_evaluates_the_best_weights(corpus, tmp_path):
     """With the learning rate high enough to overshoot, the last weights are not the best: the
     final numbers must come from the step with the lowest valid perplexity, stored in best.pt."""
     train_lm.main(lm_args(corpus, tmp_path / "r", "--eval-every", "1", "--lr", "0.05"))
@@ -1525,3 +1523,70 @@ def test_generate_rejects_bad_input_in_one_clear_line(tmp_path, capsys):
         assert e.value.code != 0 and "Traceback" not in err
         errors = [line for line in err.splitlines() if "error" in line]
         assert len(errors) == 1 and errors[0].startswith("train_lm.py: error: ") and message in errors[0], err
+
+
+# ----- the compiled path (--compile)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_compiled_model_equals_eager_and_stops_compiling_once_the_memories_are_full(kind):
+    """torch.compile must give eager's outputs, memories' reads and gradients over segments that take
+    every memory shape (a short first chunk into empty memories, a filling STM, a first long-term write,
+    then full memories), and compile nothing new once the memories are full: a bounded number of graphs.
+    Dynamo's tracing runs on its eager backend here, to keep the suite fast (inductor's kernels are
+    PyTorch's to test; README shows a compiled sorting run against an eager one)."""
+    counters = torch._dynamo.utils.counters
+    torch._dynamo.reset()
+    counters.clear()
+    tokens = torch.randint(0, 23, (2, 3 + 8 * 6), generator=torch.Generator().manual_seed(0))
+    results, graphs = [], []
+    for compile_ in (False, True):
+        model = give_ltm_weights(tiny(kind, n_layers=1))
+        run = torch.compile(model, backend="eager") if compile_ else model
+        torch.manual_seed(0)  # sticky draws its samples: the same draws in both runs
+        memory, outs = model.init_memory(2), []
+        for seg in [tokens[:, :3], *tokens[:, 3:].split(8, 1)]:
+            out, memory, kl = run(seg, memory)
+            (out.square().mean() + kl).backward()
+            outs.append(out.detach())
+            graphs.append(counters["stats"]["unique_graphs"])
+        results.append(outs + [p.grad for p in model.parameters() if p.grad is not None])
+    assert len(results[0]) == len(results[1])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    compiled_graphs = graphs[7:]
+    assert 1 <= compiled_graphs[-1] <= 5 and compiled_graphs[-3] == compiled_graphs[-1], compiled_graphs
+
+
+def test_compile_falls_back_to_eager_in_one_line_where_it_cannot_compile(monkeypatch, capsys):
+    """No C++ compiler (CPU) or no Triton (CUDA) surfaces when the first compiled call runs: the
+    probe call must catch it, print one line that says why, and hand back the eager model."""
+    def no_compiler(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found in cpp_builder\n(details)")
+        return call
+    model = tiny("infinite")
+    assert train_sort.compiled(model, False, torch.device("cpu")) is model
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    assert train_sort.compiled(model, True, torch.device("cpu")) is model
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "No working C++ compiler" in out and "running eagerly" in out, out
+
+
+def test_compile_flag_hands_the_training_forward_to_torch_compile_in_both_scripts(corpus, tmp_path, monkeypatch):
+    """--compile must train through torch.compile's result (a fake here, which counts the calls) and
+    evaluate eagerly; without the flag, on a CPU, it is off."""
+    calls = collections.Counter()
+
+    def fake_compile(fn, **kwargs):
+        def counted(*args):
+            calls[type(fn).__name__] += 1
+            return fn(*args)
+        return counted
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    sort = ["--memory", "infinite", "--steps", "2", "--seq-len", "300", "--eval-size", "2", "--log-seconds", "0"]
+    assert train_sort.parse_args(["--device", "cpu"]).compile is False and lm_args(corpus, tmp_path).compile is False
+    train_sort.main(sort + ["--out", str(tmp_path / "sort"), "--compile"])
+    assert calls == {"function": 1, "InfFormer": 2 * 3}  # the probe; 2 steps of 320 tokens: 64 + 128 + 128
+    train_lm.main(lm_args(corpus, tmp_path / "lm", "--compile"))
+    assert calls["LanguageModel"] == 6 and calls["function"] == 2  # a call per training step

@@ -24,8 +24,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from infformer import Config, InfFormer
-from train_sort import (KINDS, atomic_save, common_args, init_distributed, lr_at, ltm_zeroed, parse, peak_memory_mb,
-                        seeded)  # the shared plumbing
+from train_sort import (KINDS, atomic_save, common_args, compiled, init_distributed, lr_at, ltm_zeroed, parse,
+                        peak_memory_mb, seeded)  # the shared plumbing
 
 PRESETS = {
     # Trains in minutes on a laptop CPU.
@@ -298,6 +298,7 @@ def setup(args):
     # Under DDP some parameters get no gradient in a step: the adaptive softmax skips a tail cluster
     # when no target of the batch falls in it, and the LTM is unused while its memory is empty.
     r.ddp = nn.parallel.DistributedDataParallel(r.model, find_unused_parameters=True) if r.world > 1 else r.model
+    r.run = compiled(r.ddp, args.compile, r.device)  # for training; evaluation and generation run eagerly
     # AdamW, weight decay 0.01 on every parameter (Transformer-XL: Adam, no weight decay).
     r.opt = torch.optim.AdamW(r.model.parameters(), lr=args.lr, weight_decay=0.01)
     r.autocast = torch.autocast(r.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
@@ -323,7 +324,7 @@ def train_step(r):
     if r.args.reset:  # a stream whose next document starts here
         r.memory = r.model.body.reset_memory(r.memory, first[:, r.pos])
     with r.autocast:
-        nll, r.memory, kl = r.ddp(x.long().to(r.device), y.long().to(r.device), r.memory)
+        nll, r.memory, kl = r.run(x.long().to(r.device), y.long().to(r.device), r.memory)
     real = real.to(r.device)  # with --reset, the padding before a document is masked out of the mean
     loss = (nll * real).sum() / real.sum().clamp_min(1) if r.args.reset else nll.mean()
     r.opt.zero_grad(set_to_none=True)

@@ -6,8 +6,7 @@ p_final, then the 20 symbols by how often they occurred in the whole sequence (t
   python train_sort.py --preset sweep --seeds 0 1 2     # accuracy against S (Figure 2), on a CPU
   torchrun --nproc_per_node=4 train_sort.py --preset paper --seeds 0 1 2   # the paper's setting, several GPUs
 
-Each (memory, S, seed) is a row of results.json, reused while configuration and code are the same. Fresh sequences
-every step (the authors: a fixed 8,000). train_lm.py imports its plumbing from here.
+Each (memory, S, seed) is a row of results.json, reused while configuration and code are the same.
 """
 import argparse
 import contextlib
@@ -103,6 +102,20 @@ def ltm_zeroed(model):
     finally:
         for h in hooks:
             h.remove()
+
+
+def compiled(model, enabled, device):
+    """torch.compile(model), or the model itself after one printed line where this platform cannot compile."""
+    if enabled:
+        torch._dynamo.reset()  # each run its own graphs: dynamo's recompile limit counts per function, across models
+        torch._dynamo.utils.counters.clear()  # counters["stats"]["unique_graphs"]: the graphs this run compiles
+        torch._inductor.config.fallback_random = True  # random ops draw eager's numbers: the same run, compiled or not
+        try:  # a tiny function through the whole tool chain first: a C++ compiler on a CPU, Triton on CUDA
+            torch.compile(lambda x: x + 1)(torch.zeros(2, device=device))
+            return torch.compile(model)
+        except Exception as e:
+            print(f"--compile: {type(e).__name__} ({str(e).strip().splitlines()[0][:80]}); running eagerly", flush=True)
+    return model
 
 
 def lr_at(step, peak, warmup, total, floor):
@@ -296,6 +309,7 @@ def train(kind, seq_len, seed, args, valid_set, test_set, rank, world):
     if world > 1:  # the LTM's parameters are unused while its memory is still empty
         ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=kind in ("infinite", "sticky"))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    run = compiled(ddp, args.compile, device)  # for training; evaluation and diagnostics run eagerly
     gen = torch.Generator().manual_seed(2 * (seed * 1000 + rank))  # even seeds train, odd seeds are held out
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     tokens_per_step = args.batch_size * (seq_len + N_SYMBOLS) * world
@@ -308,8 +322,9 @@ def train(kind, seq_len, seed, args, valid_set, test_set, rank, world):
     probe = tuple(t[:32] for t in valid_set)  # a fixed held-out batch for the diagnostics
     for step in range(args.steps):
         opt.param_groups[0]["lr"] = lr_at(step, args.lr, args.warmup, args.steps, floor=0.1)  # AdamW's one group
+        # fresh sequences every step (the authors: a fixed 8,000)
         inputs, targets = (t.to(device) for t in make_batch(args.batch_size, seq_len, gen))
-        logits, kl = target_logits(ddp, inputs, args.seg_len, autocast)
+        logits, kl = target_logits(run, inputs, args.seg_len, autocast)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         opt.zero_grad(set_to_none=True)
         (loss + kl).backward()
@@ -335,6 +350,7 @@ def train(kind, seq_len, seed, args, valid_set, test_set, rank, world):
               "valid_accuracy": round(valid_accuracy, 4), "test_accuracy": round(accuracy, 4),
               "tokens_per_second": round(tokens_per_step * args.steps / train_seconds),
               "peak_memory_mb": round(peak_memory_mb(device), 1), "minutes": round((time.time() - start) / 60, 2),
+              "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"] if run is not ddp else None,
               "config": {**run_config(cfg, seq_len, seed, args, world), "device": str(device)},
               **({"ltm_rise_step": rise, "ltm_diagnostics": history} if history else {})}
     print(f"{kind}, S = {seq_len}, seed {seed}: valid accuracy {valid_accuracy:.3f}, test accuracy {accuracy:.3f}"
@@ -359,35 +375,10 @@ def summary(results, args, test_sets):
                   "test accuracy (mean) | min–max | valid accuracy (mean) | minutes (mean) |", "|---|---|---|---|---|---|---|"]
         for kind in dict.fromkeys(r["memory"] for r in rows):
             runs = [r for r in rows if r["memory"] == kind]
-            acc = [r["test_accuracy"] for r in runs]
-            mean = lambda key: sum(r[key] for r in runs) / len(runs)
+            mean, acc = lambda key: sum(r[key] for r in runs) / len(runs), [r["test_accuracy"] for r in runs]
             lines.append(f"| {kind} | {runs[0]['budget']} | {len(runs)} | {mean('test_accuracy'):.3f} | "
                          f"{min(acc):.3f}–{max(acc):.3f} | {mean('valid_accuracy'):.3f} | {mean('minutes'):.1f} |")
     return "\n".join(lines)
-
-
-def plot(results, out):
-    """sort.png: test accuracy against S (the paper's Figure 2), the spread over seeds shaded."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: plot skipped (pip install matplotlib to get sort.png)")
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    lengths = sorted({r["seq_len"] for r in results})
-    for kind in dict.fromkeys(r["memory"] for r in results):
-        acc = {S: [r["test_accuracy"] for r in results if r["memory"] == kind and r["seq_len"] == S] for S in lengths}
-        S = [s for s in lengths if acc[s]]
-        line, = ax.semilogx(S, [sum(acc[s]) / len(acc[s]) for s in S], "o-", base=2, label=kind)  # base 2: no minor ticks
-        ax.fill_between(S, [min(acc[s]) for s in S], [max(acc[s]) for s in S], color=line.get_color(), alpha=0.2)
-    ax.axhline(UNIFORM, color="gray", ls=":", label="uniform among those not given")
-    ax.set(xlabel="sequence length S", ylabel="test accuracy", ylim=(0, 1), title="sorting")
-    ax.set_xticks(lengths, [str(s) for s in lengths])
-    ax.legend(fontsize=8)
-    fig.savefig(os.path.join(out, "sort.png"), dpi=100, bbox_inches="tight")
-    print(f"plot: {os.path.join(out, 'sort.png')}")
 
 
 # -----------------------------------------------------------------------------
@@ -401,6 +392,8 @@ def common_args(p, presets, out):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--out", default=out, help=f"folder for the results (default {out})")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the training step's model (default: on with CUDA, off on a CPU: see README)")
     p.add_argument("--log-seconds", type=float, default=5.0, help="seconds between progress lines (default 5)")
 
 
@@ -421,6 +414,7 @@ def parse(p, argv, presets, positive):
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out}: a file of that name exists; give a folder")
     args.dtype = args.dtype or ("bf16" if args.device.type == "cuda" else "float32")
+    args.compile = args.device.type == "cuda" if args.compile is None else args.compile
     return args
 
 
@@ -480,7 +474,6 @@ def main(argv=None):
         print(f"\nSorting, {args.steps} steps, batch {args.batch_size}×{world}, preset {args.preset}, "
               f"seeds {' '.join(map(str, args.seed))}, device {args.device}")
         print(summary(wanted, args, test_sets))
-        plot(wanted, args.out)
 
 
 if __name__ == "__main__":

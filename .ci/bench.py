@@ -1,6 +1,7 @@
 """Cost benchmark for infformer.py (numbers for the README, not a test).
 
 python .ci/bench.py            # training-step time per memory kind, at equal STM
+python .ci/bench.py --compile  # the same, eager and torch.compile'd side by side; compile time apart
 python .ci/bench.py --long     # also: time per segment over 1,000 segments (infinite)
 
 Configuration: d_model 128, 2 layers, 4 heads, d_ff 512, segment = STM = 128, N = 64,
@@ -35,38 +36,53 @@ def step(model, opt, memory, tokens):
     return memory
 
 
-def time_steps(kind, n, batch=8):
-    model, opt, cfg = make(kind)
-    memory = model.init_memory(batch)
-    data = torch.randint(0, cfg.vocab_size, (n + 5, batch, cfg.seg_len + 1))
-    times = []
-    for i in range(n + 5):
+class Contestant:
+    """One memory kind, eager or compiled, trained step after step; its memory carries over between rounds."""
+
+    def __init__(self, kind, compile_, batch=8):
+        self.model, self.opt, cfg = make(kind)
+        self.run = torch.compile(self.model) if compile_ else self.model
+        self.memory = self.model.init_memory(batch)
+        gen = torch.Generator().manual_seed(0)
+        self.tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seg_len + 1), generator=gen)
         t0 = time.perf_counter()
-        memory = step(model, opt, memory, data[i])
-        times.append(time.perf_counter() - t0)
-    return times[5:]  # the first steps fill the memories and warm up
+        self.steps(5)  # fills the memories (every shape they take) and compiles each graph
+        self.warmup = time.perf_counter() - t0
+
+    def steps(self, n):
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            self.memory = step(self.run, self.opt, self.memory, self.tokens)
+            times.append(time.perf_counter() - t0)
+        return times
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=60, help="timed steps per memory kind, after 5 warm-up steps")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median step of each is kept")
+    p.add_argument("--compile", action="store_true", help="also time every kind under torch.compile")
     p.add_argument("--long", action="store_true", help="also time 1,000 segments of 'infinite'")
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count())
+    torch._dynamo.config.recompile_limit = 64  # all kinds at once: dynamo counts every model's graphs together
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    kinds = list(MEMORY_KINDS)
-    medians = {k: [] for k in kinds}
+    modes = ["eager", "compiled"] if args.compile else ["eager"]
+    runs = {(k, m): Contestant(k, m == "compiled") for k in MEMORY_KINDS for m in modes}
+    medians = {key: [] for key in runs}
     for r in range(args.rounds):  # interleave kinds so that machine noise hits all of them alike
-        for k in kinds:
-            medians[k].append(sorted(time_steps(k, args.steps))[args.steps // 2])
-    print("| memory | ms per training step (median of rounds) | × xl |\n|---|---|---|")
-    base = sorted(medians["xl"])[args.rounds // 2]
-    for k in kinds:
-        ms = sorted(medians[k])[args.rounds // 2]
-        print(f"| {k} | {1000 * ms:.1f} | {ms / base:.2f} |")
+        for key, run in runs.items():
+            medians[key].append(sorted(run.steps(args.steps))[args.steps // 2])
+    ms = {key: 1000 * sorted(v)[args.rounds // 2] for key, v in medians.items()}
+    columns = [f"{m} ms per step | × xl" for m in modes] + (["compile seconds"] if args.compile else [])
+    print("| memory | " + " | ".join(columns) + " |\n" + "|---" * (1 + 2 * len(modes) + args.compile) + "|")
+    for k in MEMORY_KINDS:
+        cells = [f"{ms[k, m]:.1f} | {ms[k, m] / ms['xl', m]:.2f}" for m in modes]
+        extra = f" | {runs[k, 'compiled'].warmup - runs[k, 'eager'].warmup:.0f}" if args.compile else ""
+        print(f"| {k} | " + " | ".join(cells) + extra + " |")
     if args.long:
-        t = time_steps("infinite", 1000)
+        t = Contestant("infinite", False).steps(1000)
         print("infinite, ms per segment by block of 100 segments:",
               " ".join(f"{1000 * sorted(t[i:i + 100])[50]:.1f}" for i in range(0, 1000, 100)))
 
