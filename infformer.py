@@ -123,7 +123,7 @@ class ContinuousAttention(Float32Constants):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         # The basis's C centres and K widths, each centre with each width as basis_functions pairs them.
         self.register_buffer("centers", torch.linspace(0, 1, cfg.num_basis // len(cfg.basis_widths)), persistent=False)
-        self.register_buffer("widths", torch.tensor(cfg.basis_widths), persistent=False)
+        self.register_buffer("widths", torch.tensor(cfg.basis_widths, dtype=torch.float32), persistent=False)
 
     def forward(self, q, coeffs):
         """q (bs, H, T, dh) queries; coeffs (bs, N, d) the memory's B. Returns Z_LTM (bs, T, d), μ, σ² (bs, H, T)."""
@@ -224,9 +224,9 @@ def sticky_positions(mu, var, num_bins, num_samples):
     mu, var (bs, ...): bin b gets the mass Σ_heads,queries Φ((e_{b+1} − μ)/σ) − Φ((e_b − μ)/σ); a bin is
     drawn from the normalised histogram, then a uniform offset inside it."""
     edges = torch.linspace(0, 1, num_bins + 1, device=mu.device, dtype=mu.dtype)
-    z = (edges - mu.flatten(1).unsqueeze(-1)) * torch.rsqrt(2 * var.flatten(1).unsqueeze(-1))  # (bs, H*T, D+1)
-    # Φ(z) = ½ (1 + erf(z)): the sum over the densities goes first, and the ½ and 1 cancel in the difference
-    mass = 0.5 * torch.erf(z).sum(1).diff(dim=-1)  # (bs, D)
+    z = (edges - mu.flatten(1).unsqueeze(-1)) / torch.sqrt(2 * var.flatten(1).unsqueeze(-1))
+    # Φ at every edge for every density (bs, H*T, D+1), differenced per density, then summed over them
+    mass = (0.5 * (1 + torch.erf(z))).diff(dim=-1).sum(1)  # (bs, D)
     bins = torch.multinomial(mass, num_samples, replacement=True)  # (bs, M)
     positions = (bins + torch.rand(bins.shape, device=mu.device, dtype=mu.dtype)) / num_bins
     return positions.sort(-1).values
