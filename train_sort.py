@@ -376,7 +376,8 @@ def summary(results, args, test_sets):
                   "test accuracy (mean) | min–max | valid accuracy (mean) | minutes (mean) |", "|---|---|---|---|---|---|---|"]
         for kind in dict.fromkeys(r["memory"] for r in rows):
             runs = [r for r in rows if r["memory"] == kind]
-            mean, acc = lambda key: sum(r[key] for r in runs) / len(runs), [r["test_accuracy"] for r in runs]
+            acc = [r["test_accuracy"] for r in runs]
+            mean = lambda key: sum(r[key] for r in runs) / len(runs)
             lines.append(f"| {kind} | {runs[0]['budget']} | {len(runs)} | {mean('test_accuracy'):.3f} | "
                          f"{min(acc):.3f}–{max(acc):.3f} | {mean('valid_accuracy'):.3f} | {mean('minutes'):.1f} |")
     return "\n".join(lines)
