@@ -55,8 +55,7 @@ def basis_functions(num_basis, widths, dtype=torch.float32):
 
 def basis_at(t, centers, widths):
     """ψ(t): every basis density at every position, shape t.shape + (N,)."""
-    t = t.unsqueeze(-1)
-    return torch.exp(-0.5 * ((t - centers) / widths) ** 2) / (widths * math.sqrt(2 * math.pi))
+    return torch.exp(-0.5 * ((t.unsqueeze(-1) - centers) / widths) ** 2) / (widths * math.sqrt(2 * math.pi))
 
 
 def midpoints(n, start=0.0, end=1.0):
@@ -125,27 +124,32 @@ class ContinuousAttention(Float32Constants):
         self.register_buffer("centers", torch.linspace(0, 1, cfg.num_basis // len(cfg.basis_widths)), persistent=False)
         self.register_buffer("widths", torch.tensor(cfg.basis_widths, dtype=torch.float32), persistent=False)
 
-    def forward(self, q, coeffs):
-        """q (bs, H, T, dh) queries; coeffs (bs, N, d) the memory's B. Returns Z_LTM (bs, T, d), μ, σ² (bs, H, T)."""
+    def density(self, q, coeffs):
+        """Each query's Gaussian over [0, 1]: μ, σ² (bs, H, T), float32 or better, for q (bs, H, T, dh) and B."""
         bs, H, T, dh = q.shape
-        dtype = self.centers.dtype  # float32 or better, whatever the model's dtype or autocast
-        with torch.autocast(q.device.type, enabled=False):  # μ, σ² and E_p[ψ] in that dtype
-            q, coeffs = q.to(dtype), coeffs.to(dtype)
+        with torch.autocast(q.device.type, enabled=False):  # in the buffers' dtype, whatever the model's or autocast
+            q, coeffs = q.to(self.centers.dtype), coeffs.to(self.centers.dtype)
             # The scores s = K q / √dh (one per basis function) enter only through w_μᵀ s and
             # w_σᵀ s, which are linear: w_μᵀ K q = (Kᵀ w_μ)ᵀ q, and Kᵀ w_μ = W_Kᵀ Bᵀ w_μ. Folding
             # w_μ, w_σ into the coefficients first gives the same numbers without forming K or
             # the (T × N) score matrix.
-            folded = self.w_mu_var.weight.to(dtype) @ coeffs  # [w_μ w_σ]ᵀ B   (bs, 2, d)
-            k_mu_var = F.linear(folded, self.k.weight.to(dtype)).view(bs, 2, H, dh).transpose(1, 2)  # (bs, H, 2, dh)
-            logits = q @ k_mu_var.transpose(-2, -1) / math.sqrt(dh) + self.w_mu_var.bias.to(dtype)  # (bs, H, T, 2)
-            mu = torch.sigmoid(logits[..., 0])  # μ = sigmoid(w_μᵀ s + b_μ)   (bs, H, T)
-            var = F.softplus(logits[..., 1]).clamp_min(VAR_MIN)  # σ² = softplus(w_σᵀ s + b_σ)
-            r = gaussian_expectation(mu, var, self.centers, self.widths)  # E_p[ψ]  (bs, H, T, N)
+            folded = self.w_mu_var.weight.to(q.dtype) @ coeffs  # [w_μ w_σ]ᵀ B   (bs, 2, d)
+            k_mu_var = F.linear(folded, self.k.weight.to(q.dtype)).view(bs, 2, H, dh).transpose(1, 2)  # (bs, H, 2, dh)
+            logits = q @ k_mu_var.transpose(-2, -1) / math.sqrt(dh) + self.w_mu_var.bias.to(q.dtype)  # (bs, H, T, 2)
+            # μ = sigmoid(w_μᵀ s + b_μ), σ² = softplus(w_σᵀ s + b_σ)
+            return torch.sigmoid(logits[..., 0]), F.softplus(logits[..., 1]).clamp_min(VAR_MIN)
+
+    def forward(self, q, coeffs, n):
+        """Z_LTM (bs, n, d) of the last n >= 1 queries q (bs, H, T, dh), all μ, σ² (bs, H, T); coeffs (bs, N, d): B."""
+        bs, H, T, dh = q.shape
+        mu, var = self.density(q, coeffs)
+        # E_p[ψ] (bs, H, n, N), float32 under autocast too: it lowers only matmul-like operations
+        r = gaussian_expectation(mu[..., -n:], var[..., -n:], self.centers, self.widths)
         # The value read and the output projection are ordinary linear maps: they run in the
         # model's dtype (bf16 under autocast), like the short-term attention's.
         v = self.v(coeffs.to(self.v.weight.dtype)).view(bs, -1, H, dh).transpose(1, 2)  # (bs, H, N, dh)
-        z = r.to(v.dtype) @ v  # Vᵀ E_p[ψ] per query  (bs, H, T, dh)
-        return self.proj(z.transpose(1, 2).reshape(bs, T, H * dh)), mu, var
+        z = r.to(v.dtype) @ v  # Vᵀ E_p[ψ] per query  (bs, H, n, dh)
+        return self.proj(z.transpose(1, 2).reshape(bs, n, H * dh)), mu, var
 
 
 def gaussian_kl(var, sigma_0):
@@ -224,12 +228,14 @@ def sticky_positions(mu, var, num_bins, num_samples):
     mu, var (bs, ...): bin b gets the mass Σ_heads,queries Φ((e_{b+1} − μ)/σ) − Φ((e_b − μ)/σ); a bin is
     drawn from the normalised histogram, then a uniform offset inside it."""
     edges = torch.linspace(0, 1, num_bins + 1, device=mu.device, dtype=mu.dtype)
-    z = (edges - mu.flatten(1).unsqueeze(-1)) / torch.sqrt(2 * var.flatten(1).unsqueeze(-1))
-    # Φ at every edge for every density (bs, H*T, D+1), differenced per density, then summed over them
-    mass = (0.5 * (1 + torch.erf(z))).diff(dim=-1).sum(1)  # (bs, D)
+    scale = torch.rsqrt(2 * var.flatten(1).unsqueeze(-1))  # 1 / (σ √2)  (bs, H*T, 1)
+    # Φ(x) = ½ (1 + erf(z)), z = (x − μ) / (σ √2): the ½ and the 1 cancel in the differences, and summing over the
+    # densities first leaves one addcmul, one erf and one sum over (bs, H*T, D+1). The difference of two rounded
+    # sums can fall below zero where the true mass is ~0, which multinomial refuses: clamp it.
+    z = torch.addcmul(-mu.flatten(1).unsqueeze(-1) * scale, edges, scale)  # (bs, H*T, D+1)
+    mass = 0.5 * torch.erf(z).sum(1).diff(dim=-1).clamp_min(0)  # (bs, D)
     bins = torch.multinomial(mass, num_samples, replacement=True)  # (bs, M)
-    positions = (bins + torch.rand(bins.shape, device=mu.device, dtype=mu.dtype)) / num_bins
-    return positions.sort(-1).values
+    return ((bins + torch.rand(bins.shape, device=mu.device, dtype=mu.dtype)) / num_bins).sort(-1).values
 
 
 # -----------------------------------------------------------------------------
@@ -387,31 +393,32 @@ class Block(Float32Constants):
         inv_freq = 1.0 / 10000 ** (torch.arange(0, self.d_head - 1, 2, dtype=torch.float32) / self.d_head)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, x, stm, cmem, ltm, n_visible=None):
-        """x (bs, T, d); stm (bs, m, d); cmem (bs, c, d); ltm this layer's Memory.ltm; n_visible (bs,) or None.
-        Returns the layer output (bs, T, d) and the LTM read's μ, σ² (bs, H, T), or None."""
-        bs, T, d = x.shape
-        H, dh = self.n_heads, self.d_head
+    def forward(self, x, stm, cmem, ltm, n_visible=None, n_out=None):
+        """x (bs, T, d); stm (bs, m, d); cmem (bs, c, d); ltm this layer's Memory.ltm; n_visible (bs,) or None. Returns
+        the output of the last n = min(n_out, T) positions (bs, n, d) (n_out None: all; 0: None), μ, σ² (bs, H, T)."""
+        (bs, T, d), H, dh = x.shape, self.n_heads, self.d_head
+        n = T if n_out is None else min(n_out, T)
         h = self.ln1(torch.cat([cmem, stm, x], dim=1))  # the window  (bs, W, d)
         W = h.size(1)
         q = self.q(h[:, -T:]).view(bs, T, H, dh).transpose(1, 2)  # (bs, H, T, dh)
+        reads = self.read_ltm is not None and ltm.size(1) > 0  # an LTM that holds something
+        if n == 0:  # only the memory is wanted: of this layer, only the read's μ, σ² (sticky's write, the KL term)
+            return None, *(self.read_ltm.density(q, ltm) if reads else (None, None))
         k, v = self.kv(h).view(bs, W, 2, H, dh).permute(2, 0, 3, 1, 4)  # each (bs, H, W, dh)
         angles = torch.outer(torch.arange(W, device=x.device, dtype=self.inv_freq.dtype), self.inv_freq)  # (W, dh // 2)
         cos, sin = angles.cos(), angles.sin()
-        causal = torch.ones(T, W, dtype=torch.bool, device=x.device).tril(W - T)  # query i sees keys <= W-T+i
+        causal = torch.ones(n, W, dtype=torch.bool, device=x.device).tril(W - n)  # query i sees keys <= W-n+i
         if n_visible is not None:  # after a reset_memory, stream b sees only the window's last n_visible[b] + T
-            # slots (None: all), those of a fresh run's window, so RoPE gives the same distances  (bs, 1, T, W)
+            # slots (None: all), those of a fresh run's window, so RoPE gives the same distances  (bs, 1, n, W)
             causal = causal & (torch.arange(W, device=x.device) >= W - T - n_visible[:, None])[:, None, None]
-        a = F.scaled_dot_product_attention(rotate(q, cos[-T:], sin[-T:]), rotate(k, cos, sin), v,
+        a = F.scaled_dot_product_attention(rotate(q[:, :, -n:], cos[-n:], sin[-n:]), rotate(k, cos, sin), v,
                                            attn_mask=causal, dropout_p=self.dropout if self.training else 0.0)
         if self.infini is not None:
-            a = self.infini(q, a, ltm)  # A = sigmoid(β) A_mem + (1 − sigmoid(β)) A_dot
-        y = self.proj(a.transpose(1, 2).reshape(bs, T, d))  # Z_STM
-        mu = var = None
-        if self.read_ltm is not None and ltm.size(1) > 0:
-            z_ltm, mu, var = self.read_ltm(q, ltm)  # the LTM has no positions: position is t
-            y = y + z_ltm  # Z = Z_STM + Z_LTM
-        x = x + self.drop(y)
+            a = self.infini(q[:, :, -n:], a, ltm)  # A = sigmoid(β) A_mem + (1 − sigmoid(β)) A_dot
+        # The LTM has no positions: position is t. μ, σ² of every query: the KL term and sticky's write use them.
+        z_ltm, mu, var = self.read_ltm(q, ltm, n) if reads else (0, None, None)
+        y = self.proj(a.transpose(1, 2).reshape(bs, n, d)) + z_ltm  # Z = Z_STM + Z_LTM
+        x = x[:, -n:] + self.drop(y)
         x = x + self.drop(self.mlp(self.ln2(x)))
         return x, mu, var
 
@@ -419,11 +426,11 @@ class Block(Float32Constants):
 class InfFormer(nn.Module):
     """The ∞-former, or one of the baselines (Config.memory).
 
-    model(tokens, memory) -> (output, new_memory, kl): tokens (bs, T) ids; memory from init_memory(bs) or
-    the previous call (None: a fresh one); output (bs, T, vocab_size) logits, or with cfg.lm_head False the
-    final hidden states (bs, T, d_model); new_memory (detached) for the next segment; kl the KL term, already
-    weighted by cfg.kl_weight, to add to the loss. With seg_len = mem_len, segment 1 fills the STM, segment
-    2's evicted inputs (segment 1's) are written to the LTM at its end, and segment 3 reads them first.
+    model(tokens, memory) -> (output, new_memory, kl): tokens (bs, T) ids; memory from init_memory(bs) or the
+    previous call (None: a fresh one); output (bs, T, vocab_size) logits (outputs=n: (bs, n, ...)), or with
+    cfg.lm_head False the final hidden states (bs, T, d_model); new_memory (detached) for the next segment; kl
+    the KL term, already weighted by cfg.kl_weight, to add to the loss. With seg_len = mem_len, segment 1 fills
+    the STM, segment 2's evicted inputs (segment 1's) are written to the LTM at its end, and segment 3 reads them.
     Sticky sampling draws from torch's global RNG, in eval() too: seed it for reproducible evaluation."""
 
     def __init__(self, cfg):
@@ -438,12 +445,11 @@ class InfFormer(nn.Module):
         self.apply(self._init_weights)  # no weight tying (a tied output layer starts by predicting its input)
         # Z_LTM starts at zero: the untrained model is Transformer-XL (with its shared weights) and learns how
         # much to read, instead of starting by adding a full-size average of the memory.
-        for block in self.blocks:
-            if block.read_ltm is not None:
-                nn.init.zeros_(block.read_ltm.proj.weight)
-                # σ² = softplus(w_σᵀ s + b) starts at SIGMA_INIT², not softplus(0) (σ ≈ 0.83, half of every
-                # density beyond [0, 1], where it reads the fit's fall to zero and μ barely matters).
-                nn.init.constant_(block.read_ltm.w_mu_var.bias[1:], math.log(math.expm1(SIGMA_INIT**2)))
+        for read in (block.read_ltm for block in self.blocks if block.read_ltm is not None):
+            nn.init.zeros_(read.proj.weight)
+            # σ² = softplus(w_σᵀ s + b) starts at SIGMA_INIT², not softplus(0) (σ ≈ 0.83, half of every
+            # density beyond [0, 1], where it reads the fit's fall to zero and μ barely matters).
+            nn.init.constant_(read.w_mu_var.bias[1:], math.log(math.expm1(SIGMA_INIT**2)))
 
     @staticmethod
     def _init_weights(module):
@@ -475,9 +481,12 @@ class InfFormer(nn.Module):
         ltm = [t.masked_fill(done.view(bs, *(1,) * (t.dim() - 1)), 0) for t in memory.ltm]
         return Memory(memory.stm, memory.cmem, ltm, seen)
 
-    def forward(self, tokens, memory=None, commit=True):
-        """commit=False reads the memory but writes nothing: it returns `memory` itself and, for sticky,
-        draws no random numbers (generate runs a segment that is not yet full so)."""
+    def forward(self, tokens, memory=None, commit=True, outputs=None):
+        """commit=False reads the memory but writes nothing: it returns `memory` itself and, for sticky, draws no
+        random numbers (generate runs a segment that is not yet full so). outputs=n: the output of the last n positions
+        only (bs, n, ...), 0: None. The last layer's other queries feed only the head, so they are skipped there."""
+        # The memory written is a full forward's, to the bit in eval() or without dropout (in training the
+        # skipped dropout draws shift the later ones: another sample of the same distribution).
         cfg = self.cfg
         memory = self.init_memory(tokens.size(0)) if memory is None else memory
         if memory.stm[0].size(0) != tokens.size(0):
@@ -495,9 +504,9 @@ class InfFormer(nn.Module):
             keep = (torch.arange(n_evict, device=x.device) >= n_evict - n_valid[:, None])[..., None]  # (bs, n_evict, 1)
             first = seen <= cfg.mem_len  # its LTM (zeros) holds nothing since the reset: its next write is a first
             new.seen = seen + T
-        for block, stm, cmem, ltm in zip(self.blocks, memory.stm, memory.cmem, memory.ltm):
+        for i, (block, stm, cmem, ltm) in enumerate(zip(self.blocks, memory.stm, memory.cmem, memory.ltm)):
             x_in = x.detach()  # the STM keeps detached layer inputs: no gradient crosses segments
-            x, mu, var = block(x, stm, cmem, ltm, n_visible)
+            x, mu, var = block(x, stm, cmem, ltm, n_visible, outputs if i == cfg.n_layers - 1 else None)
             if var is not None:
                 kl_read = gaussian_kl(var, cfg.sigma_0)  # (bs, H, T); none for a stream whose LTM is empty (reset)
                 kl = kl + (kl_read if first is None else kl_read * ~first[:, None, None]).mean() / cfg.n_layers
@@ -523,8 +532,7 @@ class InfFormer(nn.Module):
                         if first is not None:  # a reset stream's first write: B = G_firstᵀ [0; X], old states zeroed
                             ltm = torch.where(first[:, None, None], self.write_ltm(ltm[:, :0], x_ltm * keep), ltm)
             new.ltm.append(ltm)
-        x = self.ln_f(x)
-        out = self.head(x) if self.head is not None else x
+        out = x if x is None else self.ln_f(x) if self.head is None else self.head(self.ln_f(x))  # None: outputs=0
         return out, new if commit else memory, cfg.kl_weight * kl
 
     @torch.no_grad()
@@ -542,11 +550,10 @@ class InfFormer(nn.Module):
             raise ValueError("generate needs a prompt of at least one token, a positive temperature, and "
                              "output= when the model has no head of its own (lm_head=False)")
         output = nn.Identity() if output is None else output  # with its own head, the model already returns logits
-        L = self.cfg.seg_len
-        rng = torch.Generator(prompt.device).manual_seed(seed)
+        L, rng = self.cfg.seg_len, torch.Generator(prompt.device).manual_seed(seed)
         memory, seg = self.init_memory(prompt.size(0)), prompt
         while seg.size(1) > L:  # the prompt's full segments, except a last one
-            _, memory, _ = self(seg[:, :L], memory)
+            _, memory, _ = self(seg[:, :L], memory, outputs=0)
             seg = seg[:, L:]
         for _ in range(num_tokens):
             commit = seg.size(1) == L  # the segment is full: write it, as scoring would

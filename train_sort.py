@@ -10,15 +10,17 @@ Each (memory, S, seed) is a row of results.json, reused while configuration and 
 """
 import argparse
 import contextlib
-import datetime
 import hashlib
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import pathlib
+import signal
 import sys
 import time
+from datetime import timedelta
 
 import torch
 import torch.nn.functional as F
@@ -75,8 +77,7 @@ def init_distributed(device):
             torch.cuda.set_device(device)
         # While rank 0 evaluates, the other ranks wait in a collective: a paper-preset evaluation
         # (sorting: 1,024 sequences of 16,000 tokens; WikiText-103's valid and test) can outlast NCCL's 10 minutes.
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                             timeout=datetime.timedelta(hours=2))
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
         if rank > 0:  # only rank 0 prints
             sys.stdout = open(os.devnull, "w")
     return rank, world, device
@@ -93,15 +94,19 @@ def atomic_save(obj, path):
 
 
 @contextlib.contextmanager
-def ltm_zeroed(model):
-    """Inside, every layer's Z_LTM is zero: what the model loses without its long-term memory."""
-    hooks = [b.read_ltm.register_forward_hook(lambda m, i, out: (torch.zeros_like(out[0]), *out[1:]))
-             for b in model.blocks if b.read_ltm is not None]
+def ltm_hooked(model, hook):
+    """Inside, hook(out) sees every LTM read that runs (Z_LTM, μ, σ²) and replaces it if it returns something."""
+    hooks = [b.read_ltm.register_forward_hook(lambda m, i, out: hook(out)) for b in model.blocks if b.read_ltm is not None]
     try:
-        yield
+        yield len(hooks)
     finally:
         for h in hooks:
             h.remove()
+
+
+def ltm_zeroed(model):
+    """Inside, every layer's Z_LTM is zero: what the model loses without its long-term memory."""
+    return ltm_hooked(model, lambda out: (torch.zeros_like(out[0]), *out[1:]))
 
 
 def compiled(model, enabled, device):
@@ -125,14 +130,6 @@ def lr_at(step, peak, warmup, total, floor):
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def reset_peak_memory(device):
-    """Restart the peak that peak_memory_mb reads at the current use."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    elif os.path.exists("/proc/self/clear_refs"):  # Linux: restart the peak-RSS count at the current size
-        pathlib.Path("/proc/self/clear_refs").write_text("5")
 
 
 def peak_memory_mb(device):
@@ -191,10 +188,10 @@ def target_logits(model, inputs, seg_len, autocast):
     chunks, memory = segments(inputs, seg_len), None
     with torch.no_grad(), autocast:
         for chunk in chunks[:-1]:
-            _, memory, _ = model(chunk, memory)
+            _, memory, _ = model(chunk, memory, outputs=0)  # the memory only: no top layer
     with autocast:
-        logits, _, kl = model(chunks[-1], memory)
-    return logits[:, -N_SYMBOLS:].float(), kl
+        logits, _, kl = model(chunks[-1], memory, commit=False, outputs=N_SYMBOLS)  # nothing after it to remember
+    return logits.float(), kl
 
 
 class SymbolEmbedding(torch.nn.Module):
@@ -206,8 +203,8 @@ class SymbolEmbedding(torch.nn.Module):
         self.answering = torch.nn.Parameter(torch.zeros(embedding.embedding_dim))
 
     def forward(self, tokens):
-        answer = tokens >= ANSWER
-        return self.embedding(torch.where(answer, tokens - ANSWER, tokens)) + answer.unsqueeze(-1) * self.answering
+        # tokens % ANSWER: an answer 21 + s becomes s, symbols and the separator (< 21) stay
+        return self.embedding(tokens % ANSWER) + (tokens >= ANSWER).unsqueeze(-1) * self.answering
 
 
 def make_model(cfg):
@@ -247,24 +244,22 @@ def evaluate(model, inputs, targets, args, autocast):
 @seeded
 @torch.no_grad()
 def ltm_diagnostics(model, inputs, targets, args, autocast):
-    """On held-out sequences, per LTM layer the mean μ and σ of the 20 answers' reads, and ltm_use: the accuracy
-    lost with every Z_LTM zeroed. None while the LTM is unread (no LTM, or a sequence of under three segments)."""
+    """On held-out sequences, per LTM layer the mean μ and σ of the 20 answers' reads, and ltm_use (see below)."""
+    # ltm_use: the accuracy lost with every Z_LTM zeroed. None while the LTM is unread (no LTM, or a sequence of
+    # under three segments).
     reads = []  # (μ, σ²) of every read, layer after layer
-    hooks = [b.read_ltm.register_forward_hook(lambda m, i, out: reads.append(out[1:])) for b in model.blocks
-             if b.read_ltm is not None]
     model.eval()
     accuracy = lambda: (target_logits(model, inputs.to(args.device), args.seg_len, autocast)[0].argmax(-1).cpu()
                         == targets).float().mean().item()
-    full = accuracy()
-    for h in hooks:
-        h.remove()
+    with ltm_hooked(model, lambda out: reads.append(out[1:])) as n_layers:  # append returns None: reads unchanged
+        full = accuracy()
     with ltm_zeroed(model):
         zeroed = accuracy()
     model.train()
     if not reads:
         return None
     at_answers = lambda t: round(t[..., -N_SYMBOLS:].mean().item(), 3)  # the last 20 queries: the answers
-    last = reads[-len(hooks):]  # the last segment's reads: it holds the answers
+    last = reads[-n_layers:]  # the last segment's reads: it holds the answers
     return {"mu": [at_answers(mu) for mu, _ in last], "sigma": [at_answers(var.sqrt()) for _, var in last],
             "accuracy": round(full, 4), "ltm_use": round(full - zeroed, 4)}
 
@@ -314,7 +309,10 @@ def train(kind, seq_len, seed, args, valid_set, test_set, rank, world):
     gen = torch.Generator().manual_seed(2 * (seed * 1000 + rank))  # even seeds train, odd seeds are held out
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     tokens_per_step = args.batch_size * (seq_len + N_SYMBOLS) * world
-    reset_peak_memory(device)
+    if device.type == "cuda":  # restart the peak that peak_memory_mb reads at the current use
+        torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists("/proc/self/clear_refs"):  # Linux: restart the peak-RSS count at the current size
+        pathlib.Path("/proc/self/clear_refs").write_text("5")
     print(f"== {kind} ({budget(cfg)}), S = {seq_len}, seed {seed}: {sum(p.numel() for p in model.parameters()):,} "
           "parameters", flush=True)
     start = last_log = time.time()
@@ -339,8 +337,8 @@ def train(kind, seq_len, seed, args, valid_set, test_set, rank, world):
             diag_seconds += time.time() - t0
         now = time.time()
         if rank == 0 and (now - last_log >= args.log_seconds or step == args.steps - 1):
-            diag = history[-1] if history else None
-            print(progress(kind, step + 1, args, window, diag, now - start - diag_seconds, tokens_per_step), flush=True)
+            print(progress(f"{kind} S = {seq_len} seed {seed}", step + 1, args, window, history[-1] if history else None,
+                           now - start - diag_seconds, tokens_per_step), flush=True)
             window, last_log = [], now
     train_seconds = time.time() - start - diag_seconds
     if rank != 0:
@@ -427,19 +425,37 @@ def parse_args(argv=None):
     p.add_argument("--seed", "--seeds", type=int, nargs="+", default=[0], help="seeds, each its own run (default 0)")
     p.add_argument("--steps", type=int, help="training steps (preset: cpu 2000, sweep 1500, paper 20000)")
     p.add_argument("--eval-size", type=int, default=512, help="held-out sequences, valid and test each (default 512)")
+    p.add_argument("--jobs", type=int, help="runs side by side on a CPU, sharing its threads (default: one per thread)")
     common_args(p, PRESETS, "runs/sort")
-    args = parse(p, argv, PRESETS, ["steps", "batch_size", "eval_size", "seq_len"])
+    args = parse(p, argv, PRESETS, ["steps", "batch_size", "eval_size", "seq_len", "jobs"])
     args.warmup, args.seg_len = min(args.warmup, args.steps), args.model["seg_len"]
     args.kinds = list(dict.fromkeys(k for m in args.memory for k in (KINDS if m == "all" else [m])))
     return args
 
 
+def run_all(todo, args, world):
+    """Each run's results row (None off rank 0) as it ends: one after another, or side by side in --jobs processes."""
+    # They share the CPU threads: a small model's operations gain little from a second thread, a second run all.
+    # one process under torchrun, whatever --jobs says: its workers would belong to no process group
+    jobs = min(len(todo), 1 if world > 1 else args.jobs or (1 if args.device.type == "cuda" else torch.get_num_threads()))
+    if jobs <= 1:
+        yield from (train(*run) for run in todo)
+        return
+    # spawn: fresh interpreters (a fork would copy torch's thread pools) that leave Ctrl-C to this process,
+    # which stops them as it leaves the pool
+    with multiprocessing.get_context("spawn").Pool(jobs, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as pool:
+        yield from pool.imap_unordered(train_run, [(max(1, torch.get_num_threads() // jobs), run) for run in todo])
+
+
+def train_run(job):  # in a worker: (threads, run)
+    torch.set_num_threads(job[0])
+    return train(*job[1])
+
+
 def load_results(path):
     """The finished runs in results.json ([] if none); a damaged file stops the run before anything overwrites it."""
-    if not os.path.exists(path):
-        return []
     try:
-        return json.loads(pathlib.Path(path).read_text())
+        return json.loads(pathlib.Path(path).read_text()) if os.path.exists(path) else []
     except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         print(f"train_sort.py: error: {path} is damaged ({e}); repair or move it, it was left as is", file=sys.stderr)
         sys.exit(2)
@@ -451,21 +467,22 @@ def main(argv=None):
     finished = {(r["memory"], r["seq_len"], r["seed"]): r for r in load_results(path)}
     rank, world, args.device = init_distributed(args.device)
     os.makedirs(args.out, exist_ok=True)
-    test_sets = {}  # per S, for the summary's reference levels
+    test_sets, todo = {}, []  # per S, for the summary's reference levels; the runs not done before
+    for seq_len, seed in itertools.product(args.seq_len, args.seed):
+        valid_set = held_out(args.eval_size, seq_len, 4 * seed + 3, args.batch_size)
+        test_sets[seq_len] = held_out(args.eval_size, seq_len, 4 * seed + 1, args.batch_size)
+        for kind in args.kinds:
+            old = finished.get((kind, seq_len, seed))
+            cfg = run_config(model_config(kind, args), seq_len, seed, args, world)
+            if old and {k: v for k, v in old["config"].items() if k != "device"} == cfg:
+                print(f"== {kind}, S = {seq_len}, seed {seed}: done before, test accuracy {old['test_accuracy']:.3f}")
+            else:
+                todo.append((kind, seq_len, seed, args, valid_set, test_sets[seq_len], rank, world))
     try:
-        for seq_len, seed in itertools.product(args.seq_len, args.seed):
-            valid_set = held_out(args.eval_size, seq_len, 4 * seed + 3, args.batch_size)
-            test_sets[seq_len] = held_out(args.eval_size, seq_len, 4 * seed + 1, args.batch_size)
-            for kind in args.kinds:
-                old = finished.get((kind, seq_len, seed))
-                cfg = run_config(model_config(kind, args), seq_len, seed, args, world)
-                if old and {k: v for k, v in old["config"].items() if k != "device"} == cfg:
-                    print(f"== {kind}, S = {seq_len}, seed {seed}: done before, test accuracy {old['test_accuracy']:.3f}")
-                    continue
-                result = train(kind, seq_len, seed, args, valid_set, test_sets[seq_len], rank, world)
-                if rank == 0:  # after every run: an interruption loses at most the one running
-                    finished[kind, seq_len, seed] = result
-                    atomic_save(list(finished.values()), path)
+        for result in run_all(todo, args, world):
+            if rank == 0:  # after every run: an interruption loses at most those running
+                finished[result["memory"], result["seq_len"], result["seed"]] = result
+                atomic_save(list(finished.values()), path)
     except KeyboardInterrupt:  # a user's Ctrl-C, not a bug: one line, no traceback
         sys.exit(f"\ninterrupted; finished runs are in {path}, and the same command continues")
     finally:
@@ -474,9 +491,9 @@ def main(argv=None):
     if rank == 0:
         wanted = [finished[key] for key in itertools.product(args.kinds, args.seq_len, args.seed) if key in finished]
         print(f"\nSorting, {args.steps} steps, batch {args.batch_size}×{world}, preset {args.preset}, "
-              f"seeds {' '.join(map(str, args.seed))}, device {args.device}")
-        print(summary(wanted, args, test_sets))
+              f"seeds {' '.join(map(str, args.seed))}, device {args.device}\n" + summary(wanted, args, test_sets))
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill is a Ctrl-C: it stops --jobs' workers too
     main()
