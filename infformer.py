@@ -213,8 +213,8 @@ class UnboundedMemory(Float32Constants):
                 return G.T @ x_new  # B = Gᵀ X
             G = self.G_update if L == self.cfg.seg_len else self._update_matrix(L).to(x_new)
             psi_old = self.psi_uniform if positions is None else basis_at(positions.to(x_new), self.centers, self.widths)
-            x_old = psi_old @ coeffs  # x_old(s_1..s_M)  (bs, M, d)
-            return G[:M].T @ x_old + G[M:].T @ x_new  # Bᵀ = [X_old; X_new]ᵀ G
+            # Bᵀ = [X_old; X_new]ᵀ G, with X_old = x_old(s_1..s_M) = ψ(s) B  (bs, M, d)
+            return G[:M].T @ (psi_old @ coeffs) + G[M:].T @ x_new
 
 
 # -----------------------------------------------------------------------------
@@ -398,12 +398,14 @@ class Block(Float32Constants):
         the output of the last n = min(n_out, T) positions (bs, n, d) (n_out None: all; 0: None), μ, σ² (bs, H, T)."""
         (bs, T, d), H, dh = x.shape, self.n_heads, self.d_head
         n = T if n_out is None else min(n_out, T)
+        reads = self.read_ltm is not None and ltm.size(1) > 0  # an LTM that holds something
+        if n == 0 and not reads:  # only the memory is wanted, and its writes need nothing of this layer
+            return None, None, None
         h = self.ln1(torch.cat([cmem, stm, x], dim=1))  # the window  (bs, W, d)
         W = h.size(1)
         q = self.q(h[:, -T:]).view(bs, T, H, dh).transpose(1, 2)  # (bs, H, T, dh)
-        reads = self.read_ltm is not None and ltm.size(1) > 0  # an LTM that holds something
-        if n == 0:  # only the memory is wanted: of this layer, only the read's μ, σ² (sticky's write, the KL term)
-            return None, *(self.read_ltm.density(q, ltm) if reads else (None, None))
+        if n == 0:  # of this layer, the memory needs only the read's μ, σ² (sticky's write, the KL term)
+            return None, *self.read_ltm.density(q, ltm)
         k, v = self.kv(h).view(bs, W, 2, H, dh).permute(2, 0, 3, 1, 4)  # each (bs, H, W, dh)
         angles = torch.outer(torch.arange(W, device=x.device, dtype=self.inv_freq.dtype), self.inv_freq)  # (W, dh // 2)
         cos, sin = angles.cos(), angles.sin()
