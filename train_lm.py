@@ -174,7 +174,7 @@ class LanguageModel(nn.Module):
 @torch.no_grad()
 def perplexity(model, ids, n_streams, seg_len, device, autocast, doc_starts=None):
     """exp(mean NLL) over every token but the first: with doc_starts each document whole from a fresh memory, in
-    n_streams queues (each to the shortest); without, in n_streams pieces, the memory carried across documents."""
+    up to n_streams queues (each to the shortest); without, in n_streams pieces, the memory carried across them."""
     model.eval()
     n = len(ids) - 1  # (input, target) pairs
     length = math.ceil(n / n_streams)
@@ -185,7 +185,8 @@ def perplexity(model, ids, n_streams, seg_len, device, autocast, doc_starts=None
         r = sizes.index(min(sizes))
         queues[r].append((a, b))
         sizes[r] += math.ceil((b - a) / seg_len)
-    inputs, targets, mask, first = pack(ids, queues, 1 if doc_starts is None else seg_len)
+    # fewer documents than streams: the empty queues would be padding, computed for nothing
+    inputs, targets, mask, first = pack(ids, [q for q in queues if q], 1 if doc_starts is None else seg_len)
     memory, total = None, 0.0
     for i in range(0, inputs.size(1), seg_len):
         if memory is not None:  # a stream whose next document starts here (without documents: none)
