@@ -47,8 +47,7 @@ def basis_functions(num_basis, widths, dtype=torch.float32):
     # The widths should scale with the centres' spacing 1 / (N / len(widths) - 1). The authors'
     # (0.01, 0.05) suit their N = 512 (spacing 0.004); at Config's N = 64 (spacing 0.03) they would
     # leave gaps between centres, so Config uses (0.04, 0.2), about 1.2 and 6 spacings.
-    n_centers = num_basis // len(widths)
-    grid = torch.linspace(0, 1, n_centers, dtype=dtype), torch.tensor(widths, dtype=dtype)
+    grid = torch.linspace(0, 1, num_basis // len(widths), dtype=dtype), torch.tensor(widths, dtype=dtype)
     centers, widths = torch.meshgrid(*grid, indexing="ij")
     return centers.flatten(), widths.flatten()
 
@@ -167,10 +166,8 @@ def gaussian_kl(var, sigma_0):
 
 
 class UnboundedMemory(Float32Constants):
-    """Writes vectors into the long-term memory: B_new = Gᵀ [x_old(s_1..s_M); X_new].
-
-    What depends only on the configuration is a buffer, solved once in float64: a write of seg_len vectors
-    and a short first write (a slice of G_first) use them; any other write solves its own."""
+    """Writes vectors into the long-term memory: B_new = Gᵀ [x_old(s_1..s_M); X_new]. The G of a full write and of a
+    first write (sliced when short) are buffers, solved once in float64; other writes solve their own."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -223,10 +220,10 @@ class UnboundedMemory(Float32Constants):
 #    values still go to the slots τ·i/M: the attended regions get more of the new timeline.
 
 
-def sticky_positions(mu, var, num_bins, num_samples):
-    """M sorted positions in [0, 1] per stream, drawn from the histogram of the last read's densities
-    mu, var (bs, ...): bin b gets the mass Σ_heads,queries Φ((e_{b+1} − μ)/σ) − Φ((e_b − μ)/σ); a bin is
-    drawn from the normalised histogram, then a uniform offset inside it."""
+def sticky_positions(mu, var, num_bins, num_samples, uniform=0.0):
+    """M sorted positions in [0, 1] per stream, drawn from the histogram of the last read's densities mu, var
+    (bs, ...): bin b gets Σ_heads,queries Φ((e_{b+1} − μ)/σ) − Φ((e_b − μ)/σ), normalised and mixed with a share
+    `uniform` of the uniform histogram; a bin is drawn from it, then a uniform offset inside the bin."""
     edges = torch.linspace(0, 1, num_bins + 1, device=mu.device, dtype=mu.dtype)
     scale = torch.rsqrt(2 * var.flatten(1).unsqueeze(-1))  # 1 / (σ √2)  (bs, H*T, 1)
     # Φ(x) = ½ (1 + erf(z)), z = (x − μ) / (σ √2): the ½ and the 1 cancel in the differences, and summing over the
@@ -234,6 +231,9 @@ def sticky_positions(mu, var, num_bins, num_samples):
     # sums can fall below zero where the true mass is ~0, which multinomial refuses: clamp it.
     z = torch.addcmul(-mu.flatten(1).unsqueeze(-1) * scale, edges, scale)  # (bs, H*T, D+1)
     mass = 0.5 * torch.erf(z).sum(1).diff(dim=-1).clamp_min(0)  # (bs, D)
+    # The histogram feeds on itself: a region the reads leave is never sampled again, and the old part of the
+    # memory can fill with copies of one token (README, "Language modelling"). A uniform share keeps every region sampled.
+    mass = (1 - uniform) * mass / mass.sum(-1, keepdim=True) + uniform / num_bins if uniform > 0 else mass
     bins = torch.multinomial(mass, num_samples, replacement=True)  # (bs, M)
     return ((bins + torch.rand(bins.shape, device=mu.device, dtype=mu.dtype)) / num_bins).sort(-1).values
 
@@ -308,6 +308,7 @@ class Config:
     tau: float = 0.75  # τ: the old signal is squeezed into [0, τ] at each write
     num_samples: int = 64  # M: samples of the old signal per write
     sticky_bins: int = 128  # D: histogram bins for sticky memories
+    sticky_uniform: float = 0.0  # share of sticky's histogram that is uniform (0: the paper's)
     sigma_0: float = 0.05  # σ₀ of the KL regulariser
     kl_weight: float = 1e-6  # weight of the KL regulariser
     cmem_len: int = 64  # compressive: slots of compressed memory
@@ -328,6 +329,7 @@ class Config:
         check(self.d_model % self.n_heads == 0, "d_model", f"must be divisible by n_heads = {self.n_heads}")
         check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
         check(0 < self.tau < 1, "tau", "must be in (0, 1)")
+        check(0 <= self.sticky_uniform <= 1, "sticky_uniform", "must be in [0, 1]")
         check(len(self.basis_widths) >= 1 and min(self.basis_widths) > 0, "basis_widths", "must be positive widths")
         check(self.num_basis >= 2 and self.num_basis % len(self.basis_widths) == 0, "num_basis",
               f"must be >= 2 and a multiple of len(basis_widths) = {len(self.basis_widths)}")
@@ -365,8 +367,7 @@ def compress(cmem, evicted, cfg):
 
 
 def rotate(x, cos, sin):
-    """RoPE: rotate channel pairs (i, i + h) by angles proportional to the position; with an odd
-    head size the last channel is left as it is (the paper's LM model has 41 channels a head)."""
+    """RoPE: channel pairs (i, i + h) rotated by angles proportional to the position (odd head size: last kept)."""
     h = cos.size(-1)
     x1, x2, rest = x[..., :h], x[..., h:2 * h], x[..., 2 * h:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1).to(x.dtype)
@@ -529,7 +530,7 @@ class InfFormer(nn.Module):
                         ltm = block.infini.write(ltm, k, v, keep)
                     else:
                         sticky = cfg.memory == "sticky" and mu is not None  # a first write samples nothing
-                        positions = sticky_positions(mu, var, cfg.sticky_bins, cfg.num_samples) if sticky else None
+                        positions = sticky_positions(mu, var, cfg.sticky_bins, cfg.num_samples, cfg.sticky_uniform) if sticky else None
                         ltm = self.write_ltm(ltm, x_ltm, positions)
                         if first is not None:  # a reset stream's first write: B = G_firstᵀ [0; X], old states zeroed
                             ltm = torch.where(first[:, None, None], self.write_ltm(ltm[:, :0], x_ltm * keep), ltm)
@@ -582,7 +583,8 @@ class InfFormer(nn.Module):
 #   layer-normalised, as the short-term attention saw them: the authors' post-LN
 #   Transformer-XL stores normalised inputs, while our pre-LN residual stream starts near
 #   0.02 per channel, too faint for the reads to be learned reliably.
-# - Sticky sampling draws a real uniform offset inside each histogram bin.
+# - Sticky sampling draws a real uniform offset inside each histogram bin, and can mix the histogram
+#   with a uniform one (sticky_uniform; train_lm's cpu preset: 0.8), so that no region goes unsampled.
 # - A first write shorter than a segment covers only the last L/seg_len of [0, 1], not all of it;
 #   the rest is fitted as zero vectors. Likewise an update of L < seg_len vectors (the end of a
 #   stream) takes only its share of the new timeline: the old signal is squeezed into

@@ -238,18 +238,20 @@ def test_sticky_positions_follow_the_attention_densities():
     assert len(torch.unique(s)) > 1900  # a real offset inside the bins, not bin edges
 
 
-def test_sticky_histogram_matches_brute_force_bin_masses():
+@pytest.mark.parametrize("uniform", [0.0, 0.3])  # not 0.5: the two shares swapped must fail too
+def test_sticky_histogram_matches_brute_force_bin_masses(uniform):
+    """The bins' sampling frequencies: the normalised Φ differences, mixed with a share `uniform` of 1/D."""
     torch.manual_seed(1)
     mu = torch.tensor([[[0.2, 0.6], [0.45, 0.9]]], dtype=torch.float64)  # (1, heads, queries)
     var = torch.tensor([[[0.01, 0.002], [0.05, 0.001]]], dtype=torch.float64)
     D, M = 10, 200_000
-    s = sticky_positions(mu, var, num_bins=D, num_samples=M)
+    s = sticky_positions(mu, var, num_bins=D, num_samples=M, uniform=uniform)
     counts = torch.bincount((s[0] * D).long().clamp_max(D - 1), minlength=D).double() / M
     Phi = lambda x, m, v: 0.5 * (1 + math.erf((x - m) / math.sqrt(2 * v)))
     mass = torch.tensor([sum(Phi((b + 1) / D, m, v) - Phi(b / D, m, v) for m, v in zip(mu.flatten().tolist(),
                                                                                         var.flatten().tolist()))
                          for b in range(D)], dtype=torch.float64)
-    torch.testing.assert_close(counts, mass / mass.sum(), atol=4e-3, rtol=0)
+    torch.testing.assert_close(counts, (1 - uniform) * mass / mass.sum() + uniform / D, atol=4e-3, rtol=0)
 
 
 def test_sticky_histogram_takes_a_rounding_below_zero_as_an_empty_bin(monkeypatch):
@@ -497,11 +499,13 @@ def concentrate_reads(model, mu, sigma):
     return model
 
 
-def test_sticky_writes_sample_the_old_signal_where_the_model_read(monkeypatch):
+@pytest.mark.parametrize("uniform", [0.0, 0.5])
+def test_sticky_writes_sample_the_old_signal_where_the_model_read(monkeypatch, uniform):
     """With the same weights and every read concentrated on N(0.2, 0.02²), sticky and infinite must
     compute different outputs once the LTM has been rewritten, and the positions of sticky's writes
-    must follow those densities: against the brute-force bin masses of N(0.2, 0.02²)."""
-    sticky = concentrate_reads(give_ltm_weights(tiny("sticky", num_samples=256)), 0.2, 0.02)
+    must follow those densities: against the brute-force bin masses of N(0.2, 0.02²), with Config's
+    sticky_uniform share of them drawn uniformly."""
+    sticky = concentrate_reads(give_ltm_weights(tiny("sticky", num_samples=256, sticky_uniform=uniform)), 0.2, 0.02)
     infinite = tiny("infinite", num_samples=256)
     infinite.load_state_dict(sticky.state_dict())
     drawn = []
@@ -518,7 +522,7 @@ def test_sticky_writes_sample_the_old_signal_where_the_model_read(monkeypatch):
     counts = torch.bincount((torch.cat(drawn).flatten() * D).long().clamp_max(D - 1), minlength=D).double()
     Phi = lambda x: 0.5 * (1 + math.erf((x - 0.2) / (0.02 * math.sqrt(2))))
     mass = torch.tensor([Phi((k + 1) / D) - Phi(k / D) for k in range(D)], dtype=torch.float64)
-    torch.testing.assert_close(counts / counts.sum(), mass / mass.sum(), atol=0.03, rtol=0)
+    torch.testing.assert_close(counts / counts.sum(), (1 - uniform) * mass / mass.sum() + uniform / D, atol=0.03, rtol=0)
 
 
 def test_the_kl_term_is_the_weighted_mean_kl_of_every_read():
@@ -726,7 +730,7 @@ def test_a_reset_stream_starts_afresh_and_the_others_go_on_untouched(kind, monke
     b, _ = segments_after(model, memory, after, seed=1)
     assert torch.equal(a[:, [0, 2]], b[:, [0, 2]])
     assert (a[:, 1] - b[:, 1]).abs().amax() > 1e-3
-    monkeypatch.setattr(infformer, "sticky_positions", lambda mu, var, D, M: mu.flatten(1).sort(-1).values[:, ::2])
+    monkeypatch.setattr(infformer, "sticky_positions", lambda mu, var, *_: mu.flatten(1).sort(-1).values[:, ::2])
     a, _ = segments_after(model, reset, after, seed=1)
     fresh, _ = segments_after(model, model.init_memory(1), after[1:2], seed=1)
     torch.testing.assert_close(a[:, 1], fresh[:, 0], rtol=1e-5, atol=1e-5)
@@ -786,7 +790,8 @@ def test_reset_memory_refuses_a_bad_done_clearly():
 
 @pytest.mark.parametrize("field,value", [("memory", "lstm"), ("tau", 0.0), ("tau", 1.0), ("num_basis", 1),
                                          ("num_basis", 7), ("basis_widths", (0.1, -0.1)), ("ridge", 0.0),
-                                         ("ridge", -1.0), ("d_model", 30), ("mem_len", -1), ("seg_len", 0)])
+                                         ("ridge", -1.0), ("d_model", 30), ("mem_len", -1), ("seg_len", 0),
+                                         ("sticky_uniform", -0.1), ("sticky_uniform", 1.5)])
 def test_bad_config_raises_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         Config(**{field: value})
@@ -1077,6 +1082,18 @@ def test_ctrl_c_stops_side_by_side_runs_in_one_line(tmp_path):
     assert proc.returncode == 1 and err.strip().startswith("interrupted; finished runs are in") and "Traceback" not in err
 
 
+def test_ctrl_c_while_the_held_out_sets_are_drawn_is_one_line(tmp_path, monkeypatch):
+    """Drawing 512 long held-out sequences takes a while: a Ctrl-C then is a user's too, not a traceback."""
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_sort, "held_out", interrupted)
+    try:
+        with pytest.raises(SystemExit, match="^\ninterrupted; finished runs are in"):
+            train_sort.main(["--memory", "xl", "--out", str(tmp_path)])
+    except KeyboardInterrupt:  # uncaught, it would stop the whole test session instead of failing this test
+        pytest.fail("the Ctrl-C came through as a KeyboardInterrupt")
+
+
 @pytest.mark.parametrize("script", [train_sort, train_lm])
 def test_ddp_gets_a_timeout_longer_than_rank_zeros_evaluation(script, tmp_path, monkeypatch):
     """NCCL's default 10 minutes is shorter than a paper-preset evaluation, while the other ranks wait."""
@@ -1340,16 +1357,28 @@ def test_resume_rejects_damaged_and_mismatched_checkpoints(corpus, tmp_path):
     train_lm.main(lm_args(corpus, tmp_path / "r"))
     with pytest.raises(train_lm.UserError, match="another configuration: batch_size 4"):
         train_lm.main(lm_args(corpus, tmp_path / "r", "--resume", str(tmp_path / "r" / "ckpt.pt"), "--batch-size", "2"))
+    # A checkpoint from before a Config field existed holds no value for it: it was run at the field's default.
+    ckpt = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
+    del ckpt["run"]["sticky_uniform"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    with pytest.raises(train_lm.UserError, match=r"another configuration: sticky_uniform 0.0 \(now 0.8\)$"):
+        train_lm.main(lm_args(corpus, tmp_path / "r", "--resume", str(tmp_path / "old.pt")))
+    train_lm.main(lm_args(corpus, tmp_path / "r", "--resume", str(tmp_path / "old.pt"), "--sticky-uniform", "0"))
 
 
-def test_kl_weight_flag_reaches_the_model_and_leaves_the_preset_alone(corpus, tmp_path, capsys):
-    train_lm.main(lm_args(corpus, tmp_path / "run", "--memory", "infinite", "--kl-weight", "0.5"))
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["config"]["kl_weight"] == 0.5
+def test_kl_weight_and_sticky_uniform_flags_reach_the_model_and_leave_the_preset_alone(corpus, tmp_path, capsys):
+    train_lm.main(lm_args(corpus, tmp_path / "run", "--memory", "sticky", "--kl-weight", "0.5", "--sticky-uniform", "0.3"))
+    config = json.loads((tmp_path / "run" / "results.json").read_text())["config"]
+    assert config["kl_weight"] == 0.5 and config["sticky_uniform"] == 0.3
     assert "kl_weight" not in train_lm.PRESETS["cpu"]["model"]  # a later run in this process gets the default
-    assert lm_args(corpus, tmp_path / "o").model.get("kl_weight", Config.kl_weight) == Config.kl_weight
-    with pytest.raises(SystemExit):
-        lm_args(corpus, tmp_path / "o", "--kl-weight", "-1")
-    assert "--kl-weight must be >= 0" in capsys.readouterr().err
+    assert lm_args(corpus, tmp_path / "o").model["kl_weight"] == train_lm.PRESETS["cpu"]["kl_weight"] == 1e-2
+    assert lm_args(corpus, tmp_path / "o").model["sticky_uniform"] == 0.8
+    assert lm_args(corpus, tmp_path / "o", "--preset", "paper").model["sticky_uniform"] == 0.0  # the paper's
+    for flag, value, message in (("--kl-weight", "-1", "--kl-weight must be >= 0"),
+                                  ("--sticky-uniform", "1.5", "--sticky-uniform must be in [0, 1]")):
+        with pytest.raises(SystemExit):
+            lm_args(corpus, tmp_path / "o", flag, value)
+        assert message in capsys.readouterr().err
 
 
 def test_bad_arguments_are_refused_before_the_data_is_read(corpus, tmp_path, capsys):

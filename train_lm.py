@@ -29,12 +29,13 @@ from train_sort import (KINDS, atomic_save, common_args, compiled, init_distribu
 
 PRESETS = {
     # Trains in minutes on a laptop CPU.
-    "cpu": dict(batch_size=16, max_steps=1500, lr=1e-3, warmup=100, clip=0.25,
+    # KL weight 1e-2 and a sticky histogram 80% uniform: chosen on the books' valid text (README, "What we tried").
+    "cpu": dict(batch_size=16, max_steps=1500, lr=1e-3, warmup=100, clip=0.25, kl_weight=1e-2, sticky_uniform=0.8,
                 model=dict(d_model=128, n_layers=4, n_heads=4, d_ff=512, dropout=0.1, seg_len=64, mem_len=64,
                            num_basis=64, basis_widths=(0.04, 0.2), num_samples=64, tau=0.5, cmem_len=64,
                            compress_rate=4)),
     # The paper's base model (Transformer-XL base: 16 layers, d 410, 10 heads, d_ff 2100), N = 150.
-    "paper": dict(batch_size=60, max_steps=200_000, lr=2.5e-4, warmup=0, clip=0.25,
+    "paper": dict(batch_size=60, max_steps=200_000, lr=2.5e-4, warmup=0, clip=0.25, kl_weight=1e-6, sticky_uniform=0.0,
                   model=dict(d_model=410, n_layers=16, n_heads=10, d_ff=2100, dropout=0.1, seg_len=150, mem_len=150,
                              num_basis=150, basis_widths=(0.01, 0.05), num_samples=150, tau=0.5, cmem_len=150,
                              compress_rate=4)),
@@ -66,8 +67,7 @@ def read_ids(path, index, grow):
     with open(path, encoding="utf-8", errors="surrogateescape") as f:  # a byte that is not UTF-8: \udc80–\udcff
         for number, line in enumerate(f, 1):
             if bad := re.search("[\udc80-\udcff]", line):
-                byte = bad[0].encode(errors="surrogateescape")
-                raise UserError(f"{path}, line {number}: not UTF-8 text (byte {byte!r})")
+                raise UserError(f"{path}, line {number}: not UTF-8 text (byte {bad[0].encode(errors='surrogateescape')!r})")
             words = line.split() + ["<eos>"]
             if len(words) >= 4 and words[0] == words[-2] == "=" and words[1] != "=":  # ` = Title = `, not ` = = `
                 starts.append(len(ids))
@@ -99,8 +99,8 @@ def pack(ids, queues, align):
     """Inputs, targets, real-pair mask and range starts (len(queues), length): each range from a multiple of align."""
     ceil = lambda n: -(-n // align) * align
     length = max(sum(ceil(b - a) for a, b in q) for q in queues)
-    inputs, targets = (torch.zeros(len(queues), length, dtype=ids.dtype) for _ in range(2))  # int32: WikiText-103
-    mask, first = (torch.zeros(len(queues), length, dtype=torch.bool) for _ in range(2))
+    # ids, targets: int32 (WikiText-103); the real-pair mask and the documents' first positions: bool
+    inputs, targets, mask, first = (torch.zeros(len(queues), length, dtype=t) for t in (ids.dtype,) * 2 + (torch.bool,) * 2)
     for r, q in enumerate(queues):
         p = 0
         for a, b in q:
@@ -250,7 +250,8 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, help="steps the learning-rate schedule spans (preset: cpu 1500, paper 2e5)")
     p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (then evaluate)")
     p.add_argument("--lr", type=float, help="peak learning rate (preset: cpu 1e-3, paper 2.5e-4)")
-    p.add_argument("--kl-weight", type=float, default=Config.kl_weight, help="the LTM's KL term weight (default 1e-6)")
+    p.add_argument("--kl-weight", type=float, help="the LTM's KL term weight (preset: cpu 1e-2, paper 1e-6)")
+    p.add_argument("--sticky-uniform", type=float, help="uniform share of sticky's histogram (preset: cpu 0.8, paper 0)")
     p.add_argument("--eval-streams", type=int, default=10, help="streams the valid/test text is cut into (default 10)")
     p.add_argument("--reset", action=argparse.BooleanOptionalAction, default=True, help="each document from an empty memory")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
@@ -267,12 +268,13 @@ def parse_args(argv=None):
                                     "eval_every", "tokens", "temperature", "top_k"])
     if args.data is None and args.generate is None:
         p.error("--data is required to train (or --generate CKPT to sample from a saved run)")
-    if not args.kl_weight >= 0:
-        p.error("--kl-weight must be >= 0")
+    if not (args.kl_weight >= 0 and 0 <= args.sticky_uniform <= 1):
+        p.error("--kl-weight must be >= 0" if not args.kl_weight >= 0 else "--sticky-uniform must be in [0, 1]")
     for name in ("resume", "generate"):  # before the corpus is read, which can take minutes
         if getattr(args, name) and not os.path.isfile(getattr(args, name)):
             p.error(f"--{name} {getattr(args, name)}: no such file")
-    args.warmup, args.model = min(args.warmup, args.max_steps), {**args.model, "kl_weight": args.kl_weight}
+    args.warmup = min(args.warmup, args.max_steps)
+    args.model = {**args.model, "kl_weight": args.kl_weight, "sticky_uniform": args.sticky_uniform}
     return args
 
 
@@ -291,7 +293,8 @@ def setup(args):
     r.settings = {**vars(r.cfg), "world_size": r.world, "train_tokens": len(train),  # what --resume must match
                   **{k: getattr(args, k) for k in ("batch_size", "max_steps", "lr", "warmup", "clip", "seed", "reset")}}
     ckpt = read_checkpoint(args.resume, ("run", "optimizer", "ranks"), "--resume ") if args.resume else None
-    diff = [f"{k} {ckpt['run'].get(k)!r} (now {v!r})" for k, v in r.settings.items() if ckpt and ckpt["run"].get(k) != v]
+    old = {**vars(Config()), **ckpt["run"]} if ckpt else {}  # a field newer than the checkpoint: Config's default
+    diff = [f"{k} {old.get(k)!r} (now {v!r})" for k, v in r.settings.items() if ckpt and old.get(k) != v]
     if diff:
         raise UserError(f"--resume {args.resume} was written for another configuration: " + ", ".join(diff))
     torch.manual_seed(args.seed + r.rank)
@@ -326,8 +329,8 @@ def train_step(r):
         r.memory = r.model.body.reset_memory(r.memory, first[:, r.pos])
     with r.autocast:
         nll, r.memory, kl = r.run(x.long().to(r.device), y.long().to(r.device), r.memory)
-    real = real.to(r.device)  # with --reset, the padding before a document is masked out of the mean
-    loss = (nll * real).sum() / real.sum().clamp_min(1) if r.args.reset else nll.mean()
+    # with --reset, the padding before a document is masked out of the mean
+    loss = (nll * real.to(r.device)).sum() / real.sum().clamp_min(1) if r.args.reset else nll.mean()
     r.opt.zero_grad(set_to_none=True)
     (loss + kl).backward()
     nn.utils.clip_grad_norm_(r.model.parameters(), r.args.clip)

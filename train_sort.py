@@ -467,18 +467,18 @@ def main(argv=None):
     finished = {(r["memory"], r["seq_len"], r["seed"]): r for r in load_results(path)}
     rank, world, args.device = init_distributed(args.device)
     os.makedirs(args.out, exist_ok=True)
-    test_sets, todo = {}, []  # per S, for the summary's reference levels; the runs not done before
-    for seq_len, seed in itertools.product(args.seq_len, args.seed):
-        valid_set = held_out(args.eval_size, seq_len, 4 * seed + 3, args.batch_size)
-        test_sets[seq_len] = held_out(args.eval_size, seq_len, 4 * seed + 1, args.batch_size)
-        for kind in args.kinds:
-            old = finished.get((kind, seq_len, seed))
-            cfg = run_config(model_config(kind, args), seq_len, seed, args, world)
-            if old and {k: v for k, v in old["config"].items() if k != "device"} == cfg:
-                print(f"== {kind}, S = {seq_len}, seed {seed}: done before, test accuracy {old['test_accuracy']:.3f}")
-            else:
-                todo.append((kind, seq_len, seed, args, valid_set, test_sets[seq_len], rank, world))
-    try:
+    try:  # a Ctrl-C while the held-out sets are drawn, too
+        test_sets, todo = {}, []  # per S, for the summary's reference levels; the runs not done before
+        for seq_len, seed in itertools.product(args.seq_len, args.seed):
+            valid_set = held_out(args.eval_size, seq_len, 4 * seed + 3, args.batch_size)
+            test_sets[seq_len] = held_out(args.eval_size, seq_len, 4 * seed + 1, args.batch_size)
+            for kind in args.kinds:
+                old = finished.get((kind, seq_len, seed))
+                cfg = run_config(model_config(kind, args), seq_len, seed, args, world)
+                if old and {k: v for k, v in old["config"].items() if k != "device"} == cfg:
+                    print(f"== {kind}, S = {seq_len}, seed {seed}: done before, test accuracy {old['test_accuracy']:.3f}")
+                else:
+                    todo.append((kind, seq_len, seed, args, valid_set, test_sets[seq_len], rank, world))
         for result in run_all(todo, args, world):
             if rank == 0:  # after every run: an interruption loses at most those running
                 finished[result["memory"], result["seq_len"], result["seed"]] = result
