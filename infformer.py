@@ -233,6 +233,7 @@ def sticky_positions(mu, var, num_bins, num_samples, uniform=0.0):
     mass = 0.5 * torch.erf(z).sum(1).diff(dim=-1).clamp_min(0)  # (bs, D)
     # The histogram feeds on itself: a region the reads leave is never sampled again, and the old part of the
     # memory can fill with copies of one token (README, "Language modelling"). A uniform share keeps every region sampled.
+    # At 0 the line is skipped: the paper's draws, to the bit.
     mass = (1 - uniform) * mass / mass.sum(-1, keepdim=True) + uniform / num_bins if uniform > 0 else mass
     bins = torch.multinomial(mass, num_samples, replacement=True)  # (bs, M)
     return ((bins + torch.rand(bins.shape, device=mu.device, dtype=mu.dtype)) / num_bins).sort(-1).values
