@@ -961,7 +961,7 @@ def test_train_sort_sweeps_lengths_and_seeds_and_continues_where_it_stopped(tmp_
     assert cfg["xl-stm"]["mem_len"] == cfg["infinite"]["mem_len"] and cfg["xl-stm"]["memory"] == "xl"
     assert cfg["compressive"]["cmem_len"] == cfg["infinite"]["num_basis"]
     out = capsys.readouterr().out
-    assert "S = 1 (" in out and "S = 100 (" in out and "| xl-stm | STM 128 | 2 |" in out
+    assert "S = 1 (" in out and "S = 100 (" in out and f"| xl-stm | STM {cfg['infinite']['mem_len']} | 2 |" in out
     train_sort.main(argv + ["--seq-len", "1", "100", "40"])
     again = json.loads((tmp_path / "results.json").read_text())
     assert [r for r in again if r["seq_len"] != 40] == results and len(again) == len(results) + 2 * (len(KINDS) + 1)
@@ -1706,6 +1706,6 @@ def test_compile_flag_hands_the_training_forward_to_torch_compile_in_both_script
     sort = ["--memory", "infinite", "--steps", "2", "--seq-len", "300", "--eval-size", "2", "--log-seconds", "0"]
     assert train_sort.parse_args(["--device", "cpu"]).compile is False and lm_args(corpus, tmp_path).compile is False
     train_sort.main(sort + ["--out", str(tmp_path / "sort"), "--compile"])
-    assert calls == {"function": 1, "InfFormer": 2 * 3}  # the probe; 2 steps of 320 tokens: 64 + 128 + 128
+    assert calls == {"function": 1, "InfFormer": 2 * 5}  # the probe; 2 steps of 320 tokens: 5 segments of 64
     train_lm.main(lm_args(corpus, tmp_path / "lm", "--compile"))
     assert calls["LanguageModel"] == 6 and calls["function"] == 2  # a call per training step

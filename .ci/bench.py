@@ -1,6 +1,6 @@
 """Cost benchmark for infformer.py (numbers for the README, not a test).
 
-python .ci/bench.py            # training-step time per memory kind, at equal STM
+python .ci/bench.py            # training-step time and matmul FLOPs per memory kind, at equal STM
 python .ci/bench.py --compile  # the same, eager and torch.compile'd side by side; compile time apart
 python .ci/bench.py --long     # also: time per segment over 1,000 segments (infinite)
 
@@ -14,6 +14,8 @@ import sys
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from infformer import MEMORY_KINDS, Config, InfFormer  # noqa: E402
@@ -48,6 +50,11 @@ class Contestant:
         t0 = time.perf_counter()
         self.steps(5)  # fills the memories (every shape they take) and compiles each graph
         self.warmup = time.perf_counter() - t0
+        if not compile_:  # the matrix products of one step, forward and backward (the same when compiled);
+            # attention as SDPA's math kernel, whose products the counter sees (the fused CPU kernel it does not)
+            with FlopCounterMode(display=False) as count, sdpa_kernel(SDPBackend.MATH):
+                self.steps(1)
+            self.gflop = count.get_total_flops() / 1e9
 
     def steps(self, n):
         times = []
@@ -76,10 +83,13 @@ def main():
         for key, run in runs.items():
             medians[key].append(sorted(run.steps(args.steps))[args.steps // 2])
     ms = {key: 1000 * sorted(v)[args.rounds // 2] for key, v in medians.items()}
-    columns = [f"{m} ms per step | × xl" for m in modes] + (["compile seconds"] if args.compile else [])
-    print("| memory | " + " | ".join(columns) + " |\n" + "|---" * (1 + 2 * len(modes) + args.compile) + "|")
+    columns = ["matmul GFLOP per step | × xl"] + [f"{m} ms per step | × xl" for m in modes]
+    columns += ["compile seconds"] if args.compile else []
+    print("| memory | " + " | ".join(columns) + " |\n" + "|---" * (3 + 2 * len(modes) + args.compile) + "|")
     for k in MEMORY_KINDS:
-        cells = [f"{ms[k, m]:.1f} | {ms[k, m] / ms['xl', m]:.2f}" for m in modes]
+        flops = runs[k, "eager"].gflop
+        cells = [f"{flops:.2f} | {flops / runs['xl', 'eager'].gflop:.3f}"]
+        cells += [f"{ms[k, m]:.1f} | {ms[k, m] / ms['xl', m]:.2f}" for m in modes]
         extra = f" | {runs[k, 'compiled'].warmup - runs[k, 'eager'].warmup:.0f}" if args.compile else ""
         print(f"| {k} | " + " | ".join(cells) + extra + " |")
     if args.long:
