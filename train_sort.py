@@ -33,12 +33,12 @@ N_SYMBOLS, SEP, ANSWER = 20, 20, 21
 VOCAB = SEP + 1
 KINDS = list(MEMORY_KINDS)  # "xl": an STM as long as the others' STM + long-range memory
 
-CPU_MODEL = dict(d_model=64, n_layers=2, n_heads=4, d_ff=256, dropout=0.0, seg_len=64, mem_len=64, num_basis=64,
-                 basis_widths=(0.04, 0.2), num_samples=64, tau=0.75, cmem_len=64, compress_rate=8)
 # A compact model that learns the task on a laptop CPU in a few minutes per memory kind. S = 512 is 1.6×
 # xl's reach (segment 64 + 2 layers × STM 128) and what the compressed memory covers (64 slots × 8).
 # At lr 3e-3 some seeds stalled for a thousand steps (an earlier, larger preset); 2e-3 learned with all.
-CPU = dict(seq_len=[512], steps=1500, batch_size=16, lr=2e-3, warmup=30, clip=1.0, model=CPU_MODEL)
+CPU = dict(seq_len=[512], steps=1500, batch_size=16, lr=2e-3, warmup=30, clip=1.0,
+           model=dict(d_model=64, n_layers=2, n_heads=4, d_ff=256, dropout=0.0, seg_len=64, mem_len=64, num_basis=64,
+                      basis_widths=(0.04, 0.2), num_samples=64, tau=0.75, cmem_len=64, compress_rate=8))
 PRESETS = {
     "cpu": CPU,
     # The length sweep (the paper's Figure 2, scaled down): S = 128 fits inside Transformer-XL's

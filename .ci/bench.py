@@ -65,6 +65,15 @@ class Contestant:
         return times
 
 
+def median_ms(runs, rounds, steps):
+    """ms per step of each contestant: the median over rounds of each round's median step."""
+    medians = {key: [] for key in runs}
+    for _ in range(rounds):  # interleave kinds so that machine noise hits all of them alike
+        for key, run in runs.items():
+            medians[key].append(sorted(run.steps(steps))[steps // 2])
+    return {key: 1000 * sorted(v)[rounds // 2] for key, v in medians.items()}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=60, help="timed steps per memory kind, after 5 warm-up steps")
@@ -78,11 +87,7 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     modes = ["eager", "compiled"] if args.compile else ["eager"]
     runs = {(k, m): Contestant(k, m == "compiled") for k in MEMORY_KINDS for m in modes}
-    medians = {key: [] for key in runs}
-    for r in range(args.rounds):  # interleave kinds so that machine noise hits all of them alike
-        for key, run in runs.items():
-            medians[key].append(sorted(run.steps(args.steps))[args.steps // 2])
-    ms = {key: 1000 * sorted(v)[args.rounds // 2] for key, v in medians.items()}
+    ms = median_ms(runs, args.rounds, args.steps)
     columns = ["matmul GFLOP per step | × xl"] + [f"{m} ms per step | × xl" for m in modes]
     columns += ["compile seconds"] if args.compile else []
     print("| memory | " + " | ".join(columns) + " |\n" + "|---" * (3 + 2 * len(modes) + args.compile) + "|")

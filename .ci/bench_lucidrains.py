@@ -11,7 +11,6 @@ reconstruction loss, which our compressive baseline leaves out.
 """
 import os
 import sys
-import time
 
 import torch
 from compressive_transformer_pytorch import CompressiveTransformer
@@ -20,28 +19,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
 
 
-class Lucidrains:  # bench.Contestant's interface
+class Lucidrains(bench.Contestant):
+    """Their model through bench.py's step: it too takes (tokens, memory) and returns (logits, memory, a loss term)."""
+
     def __init__(self, batch=8):
         torch.manual_seed(0)
         self.model = CompressiveTransformer(num_tokens=256, dim=128, seq_len=128, depth=2, heads=4, mem_len=128,
                                             cmem_len=64, cmem_ratio=4, enhanced_recurrence=False,
                                             gru_gated_residual=False)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+        self.run, self.opt, self.memory = self.model, torch.optim.AdamW(self.model.parameters(), lr=1e-3), None
         self.tokens = torch.randint(0, 256, (batch, 129), generator=torch.Generator().manual_seed(0))
-        self.memory = None
         self.steps(5)  # fills its memories
-
-    def steps(self, n):
-        times = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            logits, self.memory, aux_loss = self.model(self.tokens[:, :-1], memories=self.memory)
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), self.tokens[:, 1:].flatten()) + aux_loss
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            times.append(time.perf_counter() - t0)
-        return times
 
 
 def main():
@@ -49,11 +37,7 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     runs = {k: bench.Contestant(k, False) for k in ("xl", "compressive", "infinite")}
     runs["lucidrains compressive"] = Lucidrains()
-    medians = {k: [] for k in runs}
-    for _ in range(5):
-        for k, run in runs.items():
-            medians[k].append(sorted(run.steps(30))[15])
-    ms = {k: 1000 * sorted(v)[2] for k, v in medians.items()}
+    ms = bench.median_ms(runs, rounds=5, steps=30)
     print("| memory | eager ms per step | × xl |\n|---|---|---|")
     for k in runs:
         print(f"| {k} | {ms[k]:.1f} | {ms[k] / ms['xl']:.2f} |")
